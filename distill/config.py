@@ -1,0 +1,158 @@
+"""Typed dataclass configs from YAML/dicts, with one error that lists every problem.
+
+YAML only sets values here; nothing is imported or built from a string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; `problems` lists each one, the message shows them all."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{lines}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, value) with light coercion: int -> float, str from CLI -> the field type."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            return (type(None) in args), None
+        for arg in args:
+            if arg is type(None):
+                continue
+            ok, v = _coerce(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if origin is typing.Literal:
+        return (value in get_args(tp)), value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        inner = args[0] if args else Any
+        out = []
+        for v in value:
+            ok, cv = _coerce(v, inner)
+            if not ok:
+                return False, value
+            out.append(cv)
+        return True, (tuple(out) if origin is tuple else out)
+    if origin is dict:
+        return isinstance(value, Mapping), dict(value) if isinstance(value, Mapping) else value
+    if tp is bool:
+        if isinstance(value, bool):
+            return True, value
+        if isinstance(value, str) and value.lower() in {"true", "1", "yes", "false", "0", "no"}:
+            return True, value.lower() in {"true", "1", "yes"}
+        return False, value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is int:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, int):
+            return True, value
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        if isinstance(value, str):
+            try:
+                return True, int(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        return isinstance(value, (str, Path)), str(value) if isinstance(value, Path) else value
+    if isinstance(tp, type):
+        return isinstance(value, tp), value
+    return True, value
+
+
+def from_dict(
+    cls: type[T], data: Mapping[str, Any], *, source: str = "config", check: bool = True
+) -> T:
+    """Build dataclass `cls` from `data`: unknown keys, wrong types and (if the class has a
+    `problems()` method) out-of-range values are all reported together in one ConfigError."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    problems: list[str] = []
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            close = [f for f in fields if f.startswith(name[:3])][:5]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            problems.append(f"unknown key {key!r}{hint}")
+            continue
+        ok, coerced = _coerce(value, hints[name])
+        if not ok:
+            problems.append(
+                f"{key}: expected {_type_name(hints[name])}, got {value!r} "
+                f"({type(value).__name__})"
+            )
+            continue
+        kwargs[name] = coerced
+    if problems:
+        raise ConfigError(problems, source)
+    obj = cls(**kwargs)
+    if check:
+        validate(obj, source)
+    return obj
+
+
+def validate(obj: Any, source: str = "config") -> None:
+    """Raise one ConfigError if `obj.problems()` returns anything."""
+    check: Callable[[], list[str]] | None = getattr(obj, "problems", None)
+    if check is not None:
+        problems = check()
+        if problems:
+            raise ConfigError(problems, source)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping of plain values (safe_load: no Python objects are constructed)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config file {p} does not exist"], str(p))
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {e}"], str(p)) from e
+    if not isinstance(data, dict):
+        raise ConfigError(["the top level must be a mapping of key: value"], str(p))
+    return data
