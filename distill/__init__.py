@@ -23,8 +23,8 @@ _EXPORTS = {
     "Outputs": "distill.types",
     "Batch": "distill.types",
     "ConfigError": "distill.config",
-    "profile": "distill.profile",
-    "Profile": "distill.profile",
+    "profile": "distill.profiling",
+    "Profile": "distill.profiling",
     "create_student": "distill.models",
     "mobilenet_v1": "distill.models",
 }

@@ -143,7 +143,9 @@ def read_state(path: Path, *, verify: bool = True) -> dict[str, Any]:
     try:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{state_file} is not valid JSON ({e}); the checkpoint is damaged")
+        raise CheckpointError(
+            f"{state_file} is not valid JSON ({e}); the checkpoint is damaged"
+        ) from e
     if verify:
         manifest = state.get("manifest", {})
         present = {p.name for p in path.iterdir() if p.is_file() and p.name != STATE_FILE}

@@ -10,7 +10,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin
+from typing import Any, TypeVar, Union, cast, get_args, get_origin
 
 T = TypeVar("T")
 
@@ -30,6 +30,7 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     """(ok, value) with light coercion: int -> float, str from CLI -> the field type."""
+    value = cast(Any, value)
     origin = get_origin(tp)
     if tp is Any:
         return True, value
@@ -48,12 +49,12 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
         return (value in get_args(tp)), value
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v != ""]
+            value = [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             return False, value
-        args = [a for a in get_args(tp) if a is not Ellipsis]
-        inner = args[0] if args else Any
-        out = []
+        item_types = [a for a in get_args(tp) if a is not Ellipsis]
+        inner = item_types[0] if item_types else Any
+        out: list[Any] = []
         for v in value:
             ok, cv = _coerce(v, inner)
             if not ok:
@@ -120,8 +121,7 @@ def from_dict(
         ok, coerced = _coerce(value, hints[name])
         if not ok:
             problems.append(
-                f"{key}: expected {_type_name(hints[name])}, got {value!r} "
-                f"({type(value).__name__})"
+                f"{key}: expected {_type_name(hints[name])}, got {value!r} ({type(value).__name__})"
             )
             continue
         kwargs[name] = coerced

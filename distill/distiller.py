@@ -274,8 +274,9 @@ class Distiller:
                 "Teacher, or use distill.losses.CrossEntropy to train from labels alone."
             )
         self._check_optimizer(student, objective, optimizer)
-        if self.teacher is not None and getattr(objective, "teacher_features", None):
-            self.teacher.add_features(objective.teacher_features)
+        teacher_features: dict[str, str] = getattr(objective, "teacher_features", None) or {}
+        if self.teacher is not None and teacher_features:
+            self.teacher.add_features(teacher_features)
         if self.config.channels_last:
             student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             if self.teacher is not None:
@@ -306,14 +307,18 @@ class Distiller:
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.grad_accum_steps,
             log_with="wandb" if cfg.report_to == "wandb" else None,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+            dataloader_config=DataLoaderConfiguration(
+                use_seedable_sampler=True, data_seed=cfg.seed
+            ),
             step_scheduler_with_optimizer=False,
         )
 
     @staticmethod
     def _check_optimizer(student: nn.Module, objective: nn.Module, optimizer: Any) -> None:
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        missing = [n for n, p in objective.named_parameters() if p.requires_grad and id(p) not in in_opt]
+        missing = [
+            n for n, p in objective.named_parameters() if p.requires_grad and id(p) not in in_opt
+        ]
         if missing:
             raise ValueError(
                 f"the objective has trainable parameters {missing[:5]} that are not in the "
@@ -348,7 +353,8 @@ class Distiller:
 
             set_seed(self.config.seed)
             if self.config.compile:
-                self.step_module.student = torch.compile(self.step_module.student)  # type: ignore[assignment]
+                step: Any = self.step_module
+                step.student = torch.compile(step.student)
                 if self.teacher is not None:
                     self.teacher.model = torch.compile(self.teacher.model)  # type: ignore[assignment]
             self.step_module, self.optimizer = acc.prepare(self.step_module, self.optimizer)
@@ -375,7 +381,11 @@ class Distiller:
             return None
         with self.accelerator.autocast():
             if b.teacher_input is not None:
-                x = _channels_last(b.teacher_input) if self.config.channels_last else b.teacher_input
+                x = (
+                    _channels_last(b.teacher_input)
+                    if self.config.channels_last
+                    else b.teacher_input
+                )
                 return self.teacher(x, prepared=True)
             x = _channels_last(b.input) if self.config.channels_last else b.input
             return self.teacher(x)
@@ -392,7 +402,9 @@ class Distiller:
             ) from None
         return cfg.epochs * math.ceil(n / cfg.grad_accum_steps)
 
-    def fit(self, train_loader: Iterable[Any], eval_loader: Iterable[Any] | None = None) -> dict[str, Any]:
+    def fit(
+        self, train_loader: Iterable[Any], eval_loader: Iterable[Any] | None = None
+    ) -> dict[str, Any]:
         """Train to `max_steps` (or `epochs`), evaluating/saving as configured.
 
         Returns the final eval metrics (empty without an eval loader). Writes checkpoints,
@@ -408,7 +420,9 @@ class Distiller:
         resume_from = ckpt.resolve_resume(cfg.resume, ckpt_root)
         if resume_from is not None:
             state = ckpt.load_checkpoint(acc, resume_from, self.scheduler)
-            self.progress = Progress(**{k: state[k] for k in dataclasses.asdict(Progress()) if k in state})
+            self.progress = Progress(
+                **{k: state[k] for k in dataclasses.asdict(Progress()) if k in state}
+            )
             self._history = state.get("history", [])
             acc.print(f"resumed from {resume_from} at step {self.progress.step}")
         elif cfg.resume == "latest":
@@ -463,9 +477,9 @@ class Distiller:
                     self._input_shape = tuple(b.input.shape[1:])
                 if not self._compat_checked:
                     self._check_compat(b.input)
-                if hasattr(self.objective, "on_progress"):
-                    frac = (batch_idx - 1) / max(1, self._train_len)
-                    self.objective.on_progress(p.step, p.epoch + frac)
+                on_progress = getattr(self.objective, "on_progress", None)
+                if callable(on_progress):
+                    on_progress(p.step, p.epoch + (batch_idx - 1) / max(1, self._train_len))
                 parts, skipped = self._train_micro_step(b)
                 if skipped:
                     p.skipped_nonfinite += 1
@@ -481,7 +495,9 @@ class Distiller:
                     for k, v in parts.items():
                         v = v.detach().float()
                         sums[k] = sums.get(k, zero()) + v
-                        prev = bad_parts.get(k, torch.zeros((), dtype=torch.bool, device=acc.device))
+                        prev = bad_parts.get(
+                            k, torch.zeros((), dtype=torch.bool, device=acc.device)
+                        )
                         bad_parts[k] = prev | (newly_bad & ~torch.isfinite(v))
                 n_in_sums += 1
                 images_timed += b.size() * world
@@ -532,7 +548,11 @@ class Distiller:
         if eval_loader is not None:
             last_eval = self._eval_and_log(eval_loader)
         teacher_metrics = None
-        if eval_loader is not None and self.teacher is not None and self.config.run_info.get("evaluate_teacher", True):
+        if (
+            eval_loader is not None
+            and self.teacher is not None
+            and self.config.run_info.get("evaluate_teacher", True)
+        ):
             teacher_metrics = self.evaluate(eval_loader, model="teacher", _prepared=True)
         self._finish(last_eval, teacher_metrics, images_per_s, wall)
         return last_eval
@@ -569,7 +589,9 @@ class Distiller:
             self.optimizer.zero_grad(set_to_none=True)
         return parts, skipped
 
-    def _raise_if_nonfinite(self, bad_step: Tensor, bad_parts: dict[str, Tensor], root: Path) -> None:
+    def _raise_if_nonfinite(
+        self, bad_step: Tensor, bad_parts: dict[str, Tensor], root: Path
+    ) -> None:
         step = int(bad_step.item())
         if step < 0:
             return
@@ -614,7 +636,14 @@ class Distiller:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        return tqdm(
+            total=total,
+            initial=initial,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
 
     def _log_train(self, sums: dict[str, Tensor], n: int, images_per_s: float, bar: Any) -> None:
         if n == 0:
@@ -631,14 +660,18 @@ class Distiller:
         self._history.append({"step": self.progress.step, **row})
         acc.log(row, step=self.progress.step)
         if bar is not None:
-            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()} | {"img/s": f"{images_per_s:.0f}"})
+            bar.set_postfix(
+                {k: f"{v:.4g}" for k, v in values.items()} | {"img/s": f"{images_per_s:.0f}"}
+            )
 
     def _eval_and_log(self, loader: Any) -> dict[str, float]:
         result = self.evaluate(loader, _prepared=True)
         row = {f"eval/{k}": v for k, v in result.items()}
         self._history.append({"step": self.progress.step, **row})
         self.accelerator.log(row, step=self.progress.step)
-        self.accelerator.print(f"step {self.progress.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        self.accelerator.print(
+            f"step {self.progress.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items())
+        )
         return result
 
     def _init_trackers(self) -> None:
@@ -650,7 +683,9 @@ class Distiller:
             init_kwargs["wandb"] = dict(self.config.tracker_init_kwargs)
         if self.config.run_name:
             init_kwargs.setdefault("wandb", {}).setdefault("name", self.config.run_name)
-        acc.init_trackers(self.config.project, config=self._loggable_config(), init_kwargs=init_kwargs)
+        acc.init_trackers(
+            self.config.project, config=self._loggable_config(), init_kwargs=init_kwargs
+        )
 
     def _loggable_config(self) -> dict[str, Any]:
         cfg = dataclasses.asdict(self.config)
@@ -659,12 +694,23 @@ class Distiller:
         teacher = self.teacher.meta if self.teacher is not None else None
         if teacher is not None:
             teacher = {k: v for k, v in teacher.items() if k != "label_names"}
-        return {**info, "distiller": cfg, "teacher_meta": teacher, "objective": type(self.objective).__name__}
+        return {
+            **info,
+            "distiller": cfg,
+            "teacher_meta": teacher,
+            "objective": type(self.objective).__name__,
+        }
 
     def _device_is_cuda(self) -> bool:
         return self.accelerator.device.type == "cuda"
 
-    def _finish(self, final: dict[str, float], teacher_metrics: dict[str, float] | None, images_per_s: float, wall: float) -> None:
+    def _finish(
+        self,
+        final: dict[str, float],
+        teacher_metrics: dict[str, float] | None,
+        images_per_s: float,
+        wall: float,
+    ) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
         student = self.unwrapped_student
@@ -676,7 +722,9 @@ class Distiller:
         )
         info = dict(self.config.run_info)
         info.pop("evaluate_teacher", None)
-        primary = {"logits": "top1", "multilabel": "mAP", "embedding": "verification_acc"}[self.task]
+        primary = {"logits": "top1", "multilabel": "mAP", "embedding": "verification_acc"}[
+            self.task
+        ]
         summary = {
             "schema": 1,
             "run_name": self.config.run_name or self.output_dir.name,
@@ -687,7 +735,9 @@ class Distiller:
             "student": info.pop("student", type(student).__name__),
             "teacher": info.pop("teacher", self.teacher.name if self.teacher is not None else None),
             "alpha": info.pop("alpha", None),
-            "resolution": info.pop("resolution", self._input_shape[-1] if self._input_shape else None),
+            "resolution": info.pop(
+                "resolution", self._input_shape[-1] if self._input_shape else None
+            ),
             "temperature": info.pop("temperature", None),
             "kd_weight": info.pop("kd_weight", None),
             "seed": self.config.seed,
@@ -718,7 +768,11 @@ class Distiller:
                 export_student(student, self.output_dir / "student.safetensors")
             ckpt.write_json_atomic(self.output_dir / "metrics.json", summary)
         if acc.log_with:
-            flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and v is not None}
+            flat = {
+                k: v
+                for k, v in summary.items()
+                if isinstance(v, (int, float, str)) and v is not None
+            }
             flat.update({f"final/{k}": v for k, v in final.items()})
             if teacher_metrics:
                 flat.update({f"teacher/{k}": v for k, v in teacher_metrics.items()})
@@ -734,7 +788,7 @@ class Distiller:
         if self._input_shape is None or len(self._input_shape) != 3:
             return {}
         try:
-            from distill.profile import profile
+            from distill.profiling import profile
 
             prof = profile(student, self._input_shape)
             return {"mult_adds": int(prof.mult_adds), "params": int(prof.params)}
@@ -751,7 +805,11 @@ class Distiller:
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(
-        self, loader: Iterable[Any], *, model: Literal["student", "teacher"] = "student", _prepared: bool = False
+        self,
+        loader: Iterable[Any],
+        *,
+        model: Literal["student", "teacher"] = "student",
+        _prepared: bool = False,
     ) -> dict[str, float]:
         """Metrics of the student (or the teacher) on `loader`, over all processes.
 
@@ -771,7 +829,9 @@ class Distiller:
             student.eval()
 
             def net(x: Any) -> Tensor:
-                return extract_output(student(_channels_last(x) if self.config.channels_last else x))
+                return extract_output(
+                    student(_channels_last(x) if self.config.channels_last else x)
+                )
         else:
             assert self.teacher is not None
             teacher = self.teacher
@@ -854,4 +914,10 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-__all__: Sequence[str] = ["Distiller", "DistillerConfig", "NonFiniteLossError", "Progress", "export_student"]
+__all__: Sequence[str] = [
+    "Distiller",
+    "DistillerConfig",
+    "NonFiniteLossError",
+    "Progress",
+    "export_student",
+]

@@ -205,7 +205,8 @@ class Teacher(nn.Module):
         """Re-normalise and resize a student batch (B, C, H, W) into the teacher's format."""
         if x.dim() == 4:
             if not self._identity_norm:
-                x = x * self._scale.to(x.dtype) + self._shift.to(x.dtype)
+                scale, shift = cast(Tensor, self._scale), cast(Tensor, self._shift)
+                x = x * scale.to(x.dtype) + shift.to(x.dtype)
             if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
                 down = x.shape[-2] > self.input_size[0] or x.shape[-1] > self.input_size[1]
                 x = F.interpolate(

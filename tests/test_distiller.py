@@ -63,7 +63,9 @@ def make(tmp: Path, **cfg: object) -> Distiller:
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
     config = DistillerConfig(output_dir=str(tmp), progress=False, log_every=2, **cfg)  # type: ignore[arg-type]
-    return Distiller(student, tiny_teacher(), KDLoss(temperature=2.0, alpha=0.7), opt, sched, config=config)
+    return Distiller(
+        student, tiny_teacher(), KDLoss(temperature=2.0, alpha=0.7), opt, sched, config=config
+    )
 
 
 def loader() -> DataLoader:
@@ -139,7 +141,9 @@ class ExplodingLoss(KDLoss):
         super().__init__(temperature=2.0, alpha=0.5)
         self.calls, self.at_call = 0, at_call
 
-    def forward(self, student: Outputs, teacher: Outputs | None, target: Tensor | None) -> dict[str, Tensor]:
+    def forward(
+        self, student: Outputs, teacher: Outputs | None, target: Tensor | None
+    ) -> dict[str, Tensor]:
         parts = super().forward(student, teacher, target)
         self.calls += 1
         if self.calls == self.at_call:
@@ -151,7 +155,9 @@ class ExplodingLoss(KDLoss):
 def test_nonfinite_loss_stops_with_step_part_and_checkpoint(tmp_path: Path) -> None:
     student = tiny_student()
     opt = torch.optim.SGD(student.parameters(), lr=0.05)
-    cfg = DistillerConfig(output_dir=str(tmp_path), progress=False, save_every=2, log_every=100, epochs=2)
+    cfg = DistillerConfig(
+        output_dir=str(tmp_path), progress=False, save_every=2, log_every=100, epochs=2
+    )
     d = Distiller(student, tiny_teacher(), ExplodingLoss(at_call=5), opt, config=cfg)
     with pytest.raises(NonFiniteLossError, match=r"step 5 \(parts: .*kd") as err:
         d.fit(loader())
@@ -161,7 +167,9 @@ def test_nonfinite_loss_stops_with_step_part_and_checkpoint(tmp_path: Path) -> N
 def test_nonfinite_skip_counts_batches(tmp_path: Path) -> None:
     student = tiny_student()
     opt = torch.optim.SGD(student.parameters(), lr=0.05)
-    cfg = DistillerConfig(output_dir=str(tmp_path), progress=False, on_nonfinite="skip", max_steps=6)
+    cfg = DistillerConfig(
+        output_dir=str(tmp_path), progress=False, on_nonfinite="skip", max_steps=6
+    )
     d = Distiller(student, tiny_teacher(), ExplodingLoss(at_call=3), opt, config=cfg)
     d.fit(loader())
     assert d.progress.skipped_nonfinite == 1
@@ -185,7 +193,13 @@ def test_objective_params_must_be_optimised(tmp_path: Path) -> None:
     objective.proj = nn.Linear(4, 4)
     opt = torch.optim.SGD(student.parameters(), lr=0.05)
     with pytest.raises(ValueError, match="not in the optimizer"):
-        Distiller(student, tiny_teacher(), objective, opt, config=DistillerConfig(output_dir=str(tmp_path)))
+        Distiller(
+            student,
+            tiny_teacher(),
+            objective,
+            opt,
+            config=DistillerConfig(output_dir=str(tmp_path)),
+        )
 
 
 def test_class_count_mismatch_is_reported_before_training(tmp_path: Path) -> None:
@@ -221,11 +235,17 @@ def test_any_module_pair_not_only_images(tmp_path: Path) -> None:
     cfg = DistillerConfig(output_dir=str(tmp_path), progress=False, epochs=5)
     d = Distiller(student, teacher, KDLoss(temperature=1.0, alpha=1.0), opt, config=cfg)
     before = nn.functional.kl_div(
-        student(x).log_softmax(-1), teacher(x).output.log_softmax(-1), reduction="batchmean", log_target=True
+        student(x).log_softmax(-1),
+        teacher(x).output.log_softmax(-1),
+        reduction="batchmean",
+        log_target=True,
     )
     d.fit(DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True))
     after = nn.functional.kl_div(
-        student(x).log_softmax(-1), teacher(x).output.log_softmax(-1), reduction="batchmean", log_target=True
+        student(x).log_softmax(-1),
+        teacher(x).output.log_softmax(-1),
+        reduction="batchmean",
+        log_target=True,
     )
     assert after < before * 0.5
 
@@ -242,7 +262,11 @@ def test_two_process_gloo_run_matches_single_process_data(tmp_path: Path) -> Non
     assert metrics["images_seen"] == 96
     # resume in 2 processes from the latest checkpoint and train one more epoch
     proc = subprocess.run(
-        [*cmd, "--epochs", "3", "--resume", "latest"], env=launch_env(), capture_output=True, text=True, timeout=300
+        [*cmd, "--epochs", "3", "--resume", "latest"],
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stdout

@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from distill import Distiller, DistillerConfig  # noqa: E402
-from distill.losses import KDLoss  # noqa: E402
-from tests.test_distiller import NoisyImages, tiny_student, tiny_teacher  # noqa: E402
+from distill import Distiller, DistillerConfig
+from distill.losses import KDLoss
+from tests.test_distiller import NoisyImages, tiny_student, tiny_teacher
 
 
 def main() -> None:
@@ -26,10 +26,17 @@ def main() -> None:
     student = tiny_student()
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
     cfg = DistillerConfig(
-        output_dir=args.output_dir, epochs=args.epochs, resume=args.resume, progress=False, log_every=1
+        output_dir=args.output_dir,
+        epochs=args.epochs,
+        resume=args.resume,
+        progress=False,
+        log_every=1,
     )
     d = Distiller(student, tiny_teacher(), KDLoss(temperature=2.0, alpha=0.7), opt, config=cfg)
-    d.fit(DataLoader(NoisyImages(), batch_size=8, shuffle=True), DataLoader(NoisyImages(16), batch_size=8))
+    d.fit(
+        DataLoader(NoisyImages(), batch_size=8, shuffle=True),
+        DataLoader(NoisyImages(16), batch_size=8),
+    )
     assert not isinstance(d.teacher, nn.parallel.DistributedDataParallel)
 
 

@@ -1,0 +1,107 @@
+"""`python -m distill profile NAME`: mult-adds, parameters and optional latency of a student.
+
+python -m distill profile mobilenet_v1 --alpha 0.5 --resolution 160
+python -m distill profile timm:resnet18 --resolution 224 --latency --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+
+from distill.models import create_student, get_student_builder, list_students
+from distill.paper import find_figure
+from distill.profiling import profile
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m distill profile",
+        description="Mult-adds (FlopCounterMode FLOPs / 2), parameters and optional latency.",
+    )
+    p.add_argument(
+        "name",
+        help=f"registered student ({', '.join(list_students())}) or timm:<model> / torchvision:<model>",
+    )
+    p.add_argument("--alpha", type=float, help="width multiplier (MobileNet students)")
+    p.add_argument(
+        "--resolution", type=int, help="input size in px (default: the model's own, else 224)"
+    )
+    p.add_argument("--num-classes", type=int, help="classifier outputs (default: the builder's)")
+    p.add_argument("--in-chans", type=int, help="input channels (MobileNet students)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch for the latency measurement")
+    p.add_argument("--latency", action="store_true", help="also measure the forward latency")
+    p.add_argument("--device", default="cpu", help="device for --latency (default: cpu)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    prefixed = ":" in args.name
+    kwargs: dict[str, object] = {}
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    for flag, value in (("alpha", args.alpha), ("in_chans", args.in_chans)):
+        if value is not None:
+            kwargs[flag] = value
+    if args.resolution is not None and not prefixed:
+        try:
+            accepts = "resolution" in inspect.signature(get_student_builder(args.name)).parameters
+        except KeyError as e:
+            print(f"error: {e.args[0]}", file=sys.stderr)
+            return 2
+        if accepts:
+            kwargs["resolution"] = args.resolution
+    try:
+        model = create_student(args.name, **kwargs)
+    except (KeyError, TypeError, ValueError, ImportError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    prof = profile(
+        model,
+        args.resolution,
+        batch_size=args.batch_size,
+        device=args.device if args.latency else None,
+        latency=args.latency,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    figure = None
+    if "alpha" in cfg and "variant" in cfg and prof.input_size[1] == prof.input_size[2]:
+        figure = find_figure(float(cfg["alpha"]), prof.input_size[1], str(cfg["variant"]))
+    if args.json:
+        out = {"name": args.name, **kwargs, **prof.to_dict()}
+        if figure is not None:
+            out["paper"] = {
+                "table": figure.table,
+                "mult_adds_m": figure.mult_adds_m,
+                "params_m": figure.params_m,
+                "top1": figure.top1,
+            }
+        print(json.dumps(out))
+        return 0
+    settings = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    print(f"{args.name}" + (f" ({settings})" if settings else ""))
+    c, h, w = prof.input_size
+    print(f"  input       {c}x{h}x{w}")
+    print(f"  mult-adds   {prof.mult_adds_m:.1f} M ({prof.mult_adds:,})")
+    print(f"  params      {prof.params_m:.3f} M ({prof.params:,})")
+    print(f"  trainable   {prof.trainable_params / 1e6:.3f} M ({prof.trainable_params:,})")
+    if prof.latency_ms is not None:
+        print(
+            f"  latency     {prof.latency_ms:.2f} ms per batch of {prof.batch_size} on "
+            f"{prof.device} (median of {args.repeats})"
+        )
+    if figure is not None:
+        dev = 100.0 * (prof.mult_adds_m / figure.mult_adds_m - 1.0)
+        print(
+            f"  paper       Table {figure.table} '{figure.name}': {figure.mult_adds_m:g} M mult-adds "
+            f"({dev:+.1f}%), {figure.params_m:g} M params, {figure.top1:g}% ImageNet top-1"
+        )
+    return 0
