@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev,timm,hf,report,webdataset]"
 	# facenet-pytorch pins torch<2.3: only its code is installed, for the FaceNet compatibility test.
 	$(PIP) install -q --no-deps facenet-pytorch==2.6.0
+	# torchdistill: peer-agreement tests and benchmarks only (its own pins would fight ours).
+	$(PIP) install -q --no-deps torchdistill==1.1.5
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -49,7 +51,6 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix distill teachers recipes tests benchmarks
 
 bench: $(STAMP)
-	$(PIP) install -q --no-deps torchdistill==1.1.5
 	$(PY) benchmarks/digits_kd.py
 	$(PY) benchmarks/throughput.py --device cpu
 

@@ -1,0 +1,145 @@
+"""Decoupled knowledge distillation (Zhao et al., CVPR 2022).
+
+KD splits into a target-class term and a non-target-class term:
+
+    TCKD = T² · KL(b_t ‖ b_s),  b = (p_gt, 1 − p_gt) from softmax(z/T)      (binary)
+    NCKD = T² · KL(p̂_t ‖ p̂_s),  p̂ = softmax over the non-target classes of z/T
+    dkd  = alpha · TCKD + beta · NCKD                                        (batch means)
+
+computed from log-softmax/log-sum-exp values (never log of a probability), so logits of ±1e4
+stay finite. The paper's CIFAR-100 setting is alpha=1, beta=8, T=4 (ImageNet: beta=0.5, T=1).
+
+`DKDLoss` adds cross-entropy and ramps the DKD term in linearly over `warmup_epochs`:
+factor = min(epoch / warmup_epochs, 1), with the fractional epoch the loop reports through
+`on_progress` (0 at the start of training). Forgetting to report progress raises instead of
+silently training without the DKD term.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.losses.base import (
+    Objective,
+    as_float,
+    check_class_target,
+    check_non_negative,
+    check_pair,
+    check_positive,
+)
+from distill.types import Outputs
+
+
+def _non_target(z: Tensor, target: Tensor) -> Tensor:
+    """(B, K) -> (B, K − 1): every column but the target's, in class order (no host sync)."""
+    b, k = z.shape
+    cols = torch.arange(k - 1, device=z.device).expand(b, k - 1)
+    cols = cols + (cols >= target.unsqueeze(1)).long()  # skip the target column
+    return z.gather(1, cols)
+
+
+def dkd_parts(
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *, temperature: float = 4.0
+) -> dict[str, Tensor]:
+    """{"tckd", "nckd"}, each T²-scaled and averaged over the batch."""
+    check_positive("temperature", temperature, "DKD uses 4 on CIFAR-100, 1 on ImageNet")
+    check_pair(student_logits, teacher_logits)
+    k = student_logits.shape[1]
+    if k < 2:
+        raise ValueError(f"DKD needs at least 2 classes, the logits have {k}")
+    if target is None or target.dim() != 1 or target.is_floating_point():
+        raise ValueError(
+            "DKD needs hard class labels (N,) of an integer dtype to split the target class "
+            "from the others; soft/mixup labels are not supported: use KDLoss instead"
+        )
+    check_class_target(target, student_logits)
+    t = float(temperature)
+    target = target.long()
+    parts = {}
+    for side, logits in (("s", as_float(student_logits)), ("t", as_float(teacher_logits).detach())):
+        z = logits / t  # (B, K)
+        lse_all = torch.logsumexp(z, dim=1)  # (B,)
+        others = _non_target(z, target)  # (B, K-1)
+        log_gt = z.gather(1, target.unsqueeze(1)).squeeze(1) - lse_all  # log p_gt
+        log_rest = torch.logsumexp(others, dim=1) - lse_all  # log (1 - p_gt)
+        parts[side + "_bin"] = torch.stack([log_gt, log_rest], dim=1)  # (B, 2)
+        parts[side + "_nt"] = F.log_softmax(others, dim=1)  # (B, K-1)
+    tckd = F.kl_div(parts["s_bin"], parts["t_bin"], reduction="batchmean", log_target=True)
+    nckd = F.kl_div(parts["s_nt"], parts["t_nt"], reduction="batchmean", log_target=True)
+    return {"tckd": tckd * (t * t), "nckd": nckd * (t * t)}
+
+
+def dkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+) -> Tensor:
+    """alpha · TCKD + beta · NCKD (both T²-scaled, batch mean); logits (B, K), target (B,)."""
+    check_non_negative("alpha", alpha, "the TCKD weight; the paper uses 1")
+    check_non_negative("beta", beta, "the NCKD weight; the paper uses 8 (CIFAR), 0.5 (ImageNet)")
+    p = dkd_parts(student_logits, teacher_logits, target, temperature=temperature)
+    return alpha * p["tckd"] + beta * p["nckd"]
+
+
+class DKDLoss(Objective):
+    """DKD objective; parts "ce", "tckd", "nckd";
+    loss = ce_weight·ce + warm-up factor·(alpha·tckd + beta·nckd).
+    """
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        temperature: float = 4.0,
+        *,
+        ce_weight: float = 1.0,
+        warmup_epochs: float = 20.0,
+    ) -> None:
+        super().__init__()
+        self.alpha = check_non_negative("alpha", alpha, "the TCKD weight; the paper uses 1")
+        self.beta = check_non_negative("beta", beta, "the NCKD weight; the paper uses 8 or 0.5")
+        self.temperature = check_positive("temperature", temperature, "the paper uses 4 or 1")
+        self.ce_weight = check_non_negative("ce_weight", ce_weight)
+        self.warmup_epochs = check_non_negative(
+            "warmup_epochs", warmup_epochs, "0 disables the warm-up; the paper uses 20"
+        )
+        self.epoch: float | None = None
+
+    def on_progress(self, step: int, epoch: float) -> None:
+        self.epoch = float(epoch)
+
+    @property
+    def warmup_factor(self) -> float:
+        if self.warmup_epochs == 0:
+            return 1.0
+        if self.epoch is None:
+            raise RuntimeError(
+                f"DKDLoss(warmup_epochs={self.warmup_epochs:g}) was never told the epoch: call "
+                "objective.on_progress(step, epoch) before each step (the Distiller does), or "
+                "pass warmup_epochs=0"
+            )
+        return min(max(self.epoch, 0.0) / self.warmup_epochs, 1.0)
+
+    def forward(
+        self, student: Outputs, teacher: Outputs | None, target: Tensor | None
+    ) -> dict[str, Tensor]:
+        if target is None:
+            raise ValueError("DKD needs class labels but the batch has no target")
+        s = student.output
+        p = dkd_parts(s, self._teacher(teacher).output, target, temperature=self.temperature)
+        ce = F.cross_entropy(as_float(s), target.long())
+        dkd = self.alpha * p["tckd"] + self.beta * p["nckd"]
+        loss = self.ce_weight * ce + self.warmup_factor * dkd
+        return {"loss": loss, "ce": ce, "tckd": p["tckd"], "nckd": p["nckd"]}
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
+            f"ce_weight={self.ce_weight}, warmup_epochs={self.warmup_epochs}"
+        )

@@ -1,0 +1,252 @@
+"""Feature-map distillation: FitNets hints and attention transfer.
+
+FitNets (Romero et al., ICLR 2015): a learnable 1×1 convolution + BatchNorm ("regressor")
+maps the student's map (B, Cs, H, W) to the teacher's channels, and the hint term is the mean
+squared error over all elements, mean (r(f_s) − f_t)². The paper's ½·‖·‖² differs by a
+constant; fold it into `weight` (mdistiller uses weight 100 with this mean).
+
+Attention transfer (Zagoruyko & Komodakis, ICLR 2017), as in the authors' code: the attention
+map of (B, C, H, W) is a(f) = normalize(mean_c |f|^p) flattened to (B, H·W), p = 2, and the term
+per layer pair is mean (a_s − a_t)²; the loss adds beta/2 · Σ_layers with beta = 1000. Channel
+counts may differ.
+
+When the spatial sizes differ (e.g. a 128 px student against a 224 px teacher), the teacher's
+map (FitNets) or attention map (AT) is resized to the student's size: area-averaged when
+shrinking, bilinear otherwise. The teacher is frozen, so no gradient flows through the resize.
+
+Each objective also takes `logit_loss` (e.g. KDLoss(...) or CrossEntropy()) whose parts are
+added to its own; pass `logit_loss=None` to train on the feature term alone (FitNets stage 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.losses.base import (
+    Objective,
+    as_float,
+    check_non_negative,
+    check_positive,
+    feature,
+    full_precision,
+)
+from distill.types import Outputs
+
+
+def _check_map(x: Tensor, side: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(
+            f"{side} feature must be a (B, C, H, W) map, got shape {tuple(x.shape)}; hook a "
+            "convolutional layer (token features: reshape to (B, C, H, W) first)"
+        )
+
+
+def resize_map(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize (B, C, H, W) to `size`: area averaging when shrinking, bilinear otherwise."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    if h >= size[0] and w >= size[1]:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def hint_loss(student_map: Tensor, teacher_map: Tensor) -> Tensor:
+    """mean (f_s − f_t)² over all elements; `student_map` already adapted to the teacher's
+    channels; the teacher's map is resized to the student's spatial size and detached."""
+    _check_map(student_map, "student")
+    _check_map(teacher_map, "teacher")
+    s, t = as_float(student_map), as_float(teacher_map.detach())
+    if s.shape[:2] != t.shape[:2]:
+        raise ValueError(
+            f"hint maps disagree in batch or channels: student {tuple(s.shape)} vs teacher "
+            f"{tuple(t.shape)}; the adapter must map student channels to teacher channels"
+        )
+    t = resize_map(t, (s.shape[-2], s.shape[-1]))
+    return F.mse_loss(s, t.to(s.dtype))
+
+
+def attention_map(x: Tensor, p: float = 2.0, size: tuple[int, int] | None = None) -> Tensor:
+    """normalize(mean_c |x|^p) as (B, H·W); resized to `size` before normalising if given."""
+    _check_map(x, "feature")
+    a = as_float(x).abs().pow(p).mean(dim=1, keepdim=True)  # (B, 1, H, W)
+    if size is not None:
+        a = resize_map(a, size)
+    return F.normalize(a.flatten(1), dim=1)
+
+
+def at_loss(student_map: Tensor, teacher_map: Tensor, *, p: float = 2.0) -> Tensor:
+    """mean (a_s − a_t)² over (B, H·W) for one layer pair (without the beta/2 factor)."""
+    _check_map(student_map, "student")
+    _check_map(teacher_map, "teacher")
+    if student_map.shape[0] != teacher_map.shape[0]:
+        raise ValueError(
+            f"batch sizes differ: student {student_map.shape[0]}, teacher {teacher_map.shape[0]}"
+        )
+    size = (student_map.shape[-2], student_map.shape[-1])
+    a_s = attention_map(student_map, p)
+    a_t = attention_map(teacher_map.detach(), p, size=size)
+    return (a_s - a_t.to(a_s.dtype)).pow(2).mean()
+
+
+class HintAdapter(nn.Module):
+    """FitNets regressor: 1×1 conv (no bias) + BatchNorm, student -> teacher channels."""
+
+    def __init__(self, student_channels: int, teacher_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(teacher_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Disable autocast: the adapter is part of the loss, which runs in float32 or wider.
+        with full_precision(x):
+            return self.bn(self.conv(as_float(x).to(self.conv.weight.dtype)))
+
+
+class _FeatureObjective(Objective):
+    """Shared plumbing: an optional logit objective whose parts join this one's."""
+
+    def __init__(self, logit_loss: Objective | None) -> None:
+        super().__init__()
+        self.logit_loss = logit_loss
+        if logit_loss is not None:
+            self.student_features.update(logit_loss.student_features)
+            self.teacher_features.update(logit_loss.teacher_features)
+
+    def _hook(self, name: str, student_path: str, teacher_path: str) -> None:
+        if name in self.student_features or name in self.teacher_features:
+            raise ValueError(
+                f"feature name {name!r} is already used by logit_loss "
+                f"({type(self.logit_loss).__name__}); nest different objectives"
+            )
+        self.student_features[name] = student_path
+        self.teacher_features[name] = teacher_path
+
+    def _combine(
+        self,
+        own: dict[str, Tensor],
+        student: Outputs,
+        teacher: Outputs | None,
+        target: Tensor | None,
+    ) -> dict[str, Tensor]:
+        if self.logit_loss is None:
+            return own
+        other = self.logit_loss(student, teacher, target)
+        clash = (set(own) & set(other)) - {"loss"}
+        if clash:
+            raise ValueError(f"loss parts {sorted(clash)} are produced twice; rename one")
+        return {**other, **own, "loss": own["loss"] + other["loss"]}
+
+    def on_progress(self, step: int, epoch: float) -> None:
+        if self.logit_loss is not None:
+            self.logit_loss.on_progress(step, epoch)
+
+
+class FitNetLoss(_FeatureObjective):
+    """FitNets hint objective; parts "hint" (+ logit_loss's); loss = weight·hint + logit loss.
+
+    Hooks `student_layer` in the student and `teacher_layer` in the teacher under the name
+    "hint". The adapter is learnable: add `objective.parameters()` to the optimizer. In train
+    mode its BatchNorm needs more than one value per channel (batch 1 needs H·W > 1).
+    """
+
+    def __init__(
+        self,
+        *,
+        student_layer: str,
+        teacher_layer: str,
+        student_channels: int,
+        teacher_channels: int,
+        logit_loss: Objective | None,
+        weight: float = 1.0,
+    ) -> None:
+        super().__init__(logit_loss)
+        for name, c in (
+            ("student_channels", student_channels),
+            ("teacher_channels", teacher_channels),
+        ):
+            if not isinstance(c, int) or c < 1:
+                raise ValueError(f"{name} must be a positive int, got {c!r}")
+        self.weight = check_non_negative("weight", weight, "FitNets' hint weight")
+        self.student_channels, self.teacher_channels = student_channels, teacher_channels
+        self.adapter = HintAdapter(student_channels, teacher_channels)
+        self._hook("hint", student_layer, teacher_layer)
+
+    def forward(
+        self, student: Outputs, teacher: Outputs | None, target: Tensor | None
+    ) -> dict[str, Tensor]:
+        t_out = self._teacher(teacher)
+        f_s = feature(student, "hint", "student", self.student_features["hint"])
+        f_t = feature(t_out, "hint", "teacher", self.teacher_features["hint"])
+        _check_map(f_s, "student")
+        if f_s.shape[1] != self.student_channels:
+            raise ValueError(
+                f"the student's hint map has {f_s.shape[1]} channels (shape {tuple(f_s.shape)}) "
+                f"but student_channels={self.student_channels}: set student_channels="
+                f"{f_s.shape[1]}"
+            )
+        _check_map(f_t, "teacher")
+        if f_t.shape[1] != self.teacher_channels:
+            raise ValueError(
+                f"the teacher's hint map has {f_t.shape[1]} channels but teacher_channels="
+                f"{self.teacher_channels}: set teacher_channels={f_t.shape[1]}"
+            )
+        hint = hint_loss(self.adapter(f_s), f_t)
+        return self._combine({"loss": self.weight * hint, "hint": hint}, student, t_out, target)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}"
+
+
+class ATLoss(_FeatureObjective):
+    """Attention transfer; parts "at" (Σ over layer pairs) (+ logit_loss's);
+    loss = beta/2 · at + logit loss.
+
+    `layers` maps student module paths to teacher module paths, e.g.
+    {"blocks.5": "layer2", "blocks.11": "layer3"}; they are hooked as "at0", "at1", ...
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, str],
+        *,
+        logit_loss: Objective | None,
+        beta: float = 1000.0,
+        p: float = 2.0,
+    ) -> None:
+        super().__init__(logit_loss)
+        if not layers:
+            raise ValueError(
+                'layers is empty: map student to teacher layers, e.g. {"blocks.11": "layer3"}'
+            )
+        self.beta = check_non_negative("beta", beta, "the AT paper uses 1000")
+        self.p = check_positive("p", p, "the AT paper uses 2")
+        self.names: list[str] = []
+        for i, (s_path, t_path) in enumerate(layers.items()):
+            name = f"at{i}"
+            self._hook(name, s_path, t_path)
+            self.names.append(name)
+
+    def forward(
+        self, student: Outputs, teacher: Outputs | None, target: Tensor | None
+    ) -> dict[str, Tensor]:
+        t_out = self._teacher(teacher)
+        terms = [
+            at_loss(
+                feature(student, n, "student", self.student_features[n]),
+                feature(t_out, n, "teacher", self.teacher_features[n]),
+                p=self.p,
+            )
+            for n in self.names
+        ]
+        at = terms[0]
+        for term in terms[1:]:
+            at = at + term
+        own = {"loss": self.beta / 2.0 * at, "at": at}
+        return self._combine(own, student, t_out, target)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, p={self.p}"
