@@ -21,6 +21,7 @@ _EXPORTS = {
     "DistillerConfig": "distill.distiller",
     "NonFiniteLossError": "distill.distiller",
     "Outputs": "distill.types",
+    "RunInfo": "distill.tracking",
     "Batch": "distill.types",
     "ConfigError": "distill.config",
     "profile": "distill.profiling",

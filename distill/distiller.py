@@ -767,20 +767,25 @@ class Distiller:
             if self.config.export_student:
                 export_student(student, self.output_dir / "student.safetensors")
             ckpt.write_json_atomic(self.output_dir / "metrics.json", summary)
-        if acc.log_with:
+        if acc.log_with and acc.is_main_process:
+            from distill.tracking import log_summary, summary_fields
+
             flat = {
                 k: v
                 for k, v in summary.items()
-                if isinstance(v, (int, float, str)) and v is not None
+                if isinstance(v, (int, float, str)) and not isinstance(v, bool)
             }
-            flat.update({f"final/{k}": v for k, v in final.items()})
-            if teacher_metrics:
-                flat.update({f"teacher/{k}": v for k, v in teacher_metrics.items()})
-            if acc.is_main_process:
-                for tracker in acc.trackers:
-                    run = getattr(tracker, "run", None)
-                    if run is not None and hasattr(run, "summary"):
-                        run.summary.update(flat)
+            flat.update(
+                summary_fields(
+                    final,
+                    mult_adds=int(profile.get("mult_adds") or 0),
+                    params=int(profile.get("params") or 0),
+                    images_per_s=images_per_s,
+                    peak_mem_bytes=peak,
+                    teacher_metrics=teacher_metrics,
+                )
+            )
+            log_summary(acc, flat)
         acc.wait_for_everyone()
         acc.end_training()
 

@@ -271,3 +271,58 @@ def test_two_process_gloo_run_matches_single_process_data(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stdout
     assert json.loads((out / "metrics.json").read_text())["steps"] == 9
+
+
+def test_wandb_offline_run_has_the_comparison_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real offline W&B run from the Distiller, read back from its .wandb file."""
+    from distill.tracking import RunInfo, read_wandb_run
+
+    for k, v in {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_DISABLE_GIT": "true",
+    }.items():
+        monkeypatch.setenv(k, v)
+    info = RunInfo(
+        experiment="unit",
+        role="distilled",
+        method="kd",
+        student="tiny",
+        dataset="noise",
+        teacher="linear",
+        seed=0,
+    )
+    student = tiny_student()
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    cfg = DistillerConfig(
+        output_dir=str(tmp_path / "run"),
+        progress=False,
+        max_steps=4,
+        log_every=2,
+        report_to="wandb",
+        run_info=info.config(),
+        tracker_init_kwargs=info.wandb_init_kwargs(),
+    )
+    d = Distiller(student, tiny_teacher(), KDLoss(temperature=2.0, alpha=0.5), opt, config=cfg)
+    d.fit(loader(), DataLoader(NoisyImages(16), batch_size=8))
+    run = read_wandb_run(tmp_path / "wandb", wait_s=30)
+    assert run["group"] == "unit" and run["job_type"] == "distilled"
+    summary = run["summary"]
+    for key in (
+        "mult_adds",
+        "params",
+        "images_per_s",
+        "peak_mem",
+        "eval/top1",
+        "teacher/top1",
+        "gap_to_teacher/top1",
+    ):
+        assert key in summary, key
+    assert summary["gap_to_teacher/top1"] == pytest.approx(
+        summary["eval/top1"] - summary["teacher/top1"]
+    )
+    assert [
+        r["train/loss"] for r in run["history"] if "train/loss" in r
+    ]  # loss parts logged per step
