@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from distill import checkpoint as ckpt
 from distill import metrics as M
+from distill.data.skipping import SkipLog, take_skipped
 from distill.teacher import FeatureHooks, Teacher, as_teacher, extract_output
 from distill.types import Batch, Outputs, split_batch, to_device
 
@@ -288,6 +289,7 @@ class Distiller:
         self.scheduler = scheduler
         self.accelerator = accelerator or self._make_accelerator()
         self.progress = Progress()
+        self.skip_log = SkipLog()  # unreadable images dropped by the data pipeline
         self._prepared = False
         self._compat_checked = False
         self._history: list[dict[str, float]] = []
@@ -361,11 +363,15 @@ class Distiller:
             if self.teacher is not None:
                 self.teacher.to(acc.device)
             self._prepared = True
-        if train_loader is not None:
-            train_loader = acc.prepare(train_loader)
-        if eval_loader is not None:
-            eval_loader = acc.prepare(eval_loader)
-        return train_loader, eval_loader
+        return self._prepare_loader(train_loader), self._prepare_loader(eval_loader)
+
+    def _prepare_loader(self, loader: Any) -> Any:
+        if loader is None:
+            return None
+        # a stream already split per process (split_dataset_by_node) must not be sharded again
+        if getattr(getattr(loader, "dataset", None), "sharded_by_node", False):
+            return loader
+        return self.accelerator.prepare(loader)
 
     @property
     def unwrapped_student(self) -> nn.Module:
@@ -469,6 +475,10 @@ class Distiller:
                 except StopIteration:
                     epoch_done = True
                     break
+                raw, empty = take_skipped(raw, self.skip_log)
+                if empty:  # every image of this batch was unreadable (counted in skip_log)
+                    batch_idx += 1
+                    continue
                 # dropout & co. depend on (seed, epoch, batch, rank) only: exact on resume
                 _seed_batch(cfg.seed, p.epoch, batch_idx, acc.process_index)
                 batch_idx += 1
@@ -501,11 +511,11 @@ class Distiller:
                         bad_parts[k] = prev | (newly_bad & ~torch.isfinite(v))
                 n_in_sums += 1
                 images_timed += b.size() * world
+                p.images_seen += b.size() * world
                 if not acc.sync_gradients:
                     continue
                 p.step += 1
                 p.batch_in_epoch = batch_idx
-                p.images_seen += b.size() * world * cfg.grad_accum_steps
                 steps_timed += 1
                 if self.scheduler is not None and not acc.optimizer_step_was_skipped:
                     self.scheduler.step()
@@ -713,6 +723,10 @@ class Distiller:
     ) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        skipped = self.skip_log.all_gather() if acc.num_processes > 1 else self.skip_log
+        if skipped.total and acc.is_main_process:
+            acc.print(skipped.report())
+            ckpt.write_json_atomic(self.output_dir / "skipped.json", skipped.to_dict())
         student = self.unwrapped_student
         profile = self._profile(student)
         peak = (
@@ -754,6 +768,7 @@ class Distiller:
             "epochs": self.progress.epoch + self.progress.batch_in_epoch / max(1, self._train_len),
             "images_seen": self.progress.images_seen,
             "skipped_nonfinite": self.progress.skipped_nonfinite,
+            "skipped_images": skipped.total,
             "wall_s": wall,
             "num_processes": acc.num_processes,
             "mixed_precision": str(acc.mixed_precision),
@@ -853,6 +868,9 @@ class Distiller:
         pairs: list[Tensor] = []
         try:
             for raw in loader:
+                raw, empty = take_skipped(raw, self.skip_log)
+                if empty:
+                    continue
                 b = split_batch(to_device(raw, acc.device))
                 with acc.autocast():
                     out = net(b.input).float()

@@ -411,6 +411,8 @@ def _find_run_file(path: Path) -> Path:
         raise FileNotFoundError(f"{path}: no such W&B run file or run folder")
     found = sorted(path.glob("*.wandb")) or sorted(path.glob("*/*.wandb"))
     found = found or sorted(path.glob("wandb/*/*.wandb"))
+    # wandb's latest-run is a link to one of the run folders: count each run file once
+    found = sorted({f.resolve(): f for f in found if not f.parent.is_symlink()}.values()) or found
     if not found:
         raise FileNotFoundError(f"{path}: no .wandb run file inside (looked in */ and wandb/*/)")
     if len(found) > 1:

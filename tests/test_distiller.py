@@ -326,3 +326,27 @@ def test_wandb_offline_run_has_the_comparison_schema(
     assert [
         r["train/loss"] for r in run["history"] if "train/loss" in r
     ]  # loss parts logged per step
+
+
+class PartlyBroken(NoisyImages):
+    """Two of the images are unreadable files."""
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        from distill.data.images import BadImageError
+
+        if i in (3, 17):
+            raise BadImageError(f"/data/img_{i}.jpg", "truncated", "image file is truncated")
+        return super().__getitem__(i)
+
+
+def test_unreadable_images_are_skipped_counted_and_reported(tmp_path: Path) -> None:
+    from distill.data.skipping import SkipBadSamples, collate_skipping
+
+    d = make(tmp_path, epochs=1)
+    data = DataLoader(SkipBadSamples(PartlyBroken()), batch_size=8, collate_fn=collate_skipping)
+    d.fit(data)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["skipped_images"] == 2
+    assert metrics["images_seen"] == 46  # 48 minus the two unreadable ones
+    report = json.loads((tmp_path / "skipped.json").read_text())
+    assert "/data/img_3.jpg" in json.dumps(report) and "/data/img_17.jpg" in json.dumps(report)
