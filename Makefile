@@ -44,7 +44,7 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check distill teachers recipes tests benchmarks
 	$(PY) -m ruff format --check distill teachers recipes tests benchmarks
-	$(PY) -m mypy distill
+	$(PY) -m mypy distill teachers
 
 format: $(STAMP)
 	$(PY) -m ruff format distill teachers recipes tests benchmarks
