@@ -44,7 +44,7 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check distill teachers recipes tests benchmarks
 	$(PY) -m ruff format --check distill teachers recipes tests benchmarks
-	$(PY) -m mypy distill teachers
+	$(PY) -m mypy distill teachers recipes
 
 format: $(STAMP)
 	$(PY) -m ruff format distill teachers recipes tests benchmarks
@@ -53,6 +53,8 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/digits_kd.py
 	$(PY) benchmarks/throughput.py --device cpu
+	$(PY) benchmarks/input_pipeline.py --device cpu --images 512 --workers 2 --batch-size 64
+	$(PY) benchmarks/cache_fidelity.py --seeds 1
 
 table: $(STAMP)
 	$(PY) -m distill table

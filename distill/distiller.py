@@ -77,6 +77,7 @@ class DistillerConfig:
     progress: bool = True
     export_student: bool = True
     check_compatible: bool = True
+    cached_teacher: bool = False  # batches carry "teacher_logits": no teacher model needed
     run_info: dict[str, Any] = field(default_factory=dict)  # role, method, alpha, ... for reports
     tracker_init_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. wandb group/tags
 
@@ -232,6 +233,22 @@ def _channels_last(x: Any) -> Any:
     return x
 
 
+def make_accelerator(config: DistillerConfig) -> Any:
+    """The Accelerator the Distiller makes for itself: seedable sampler (exact resume),
+    scheduler stepped by the loop, W&B when report_to="wandb". Recipes call it too."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    cfg = config
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        log_with="wandb" if cfg.report_to == "wandb" else None,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        step_scheduler_with_optimizer=False,
+    )
+
+
 class Distiller:
     """Train `student` to imitate `teacher` with `objective`; evaluate either.
 
@@ -269,7 +286,8 @@ class Distiller:
         if not isinstance(objective, nn.Module):
             objective = _FunctionObjective(objective)
         self.teacher = as_teacher(teacher)
-        if getattr(objective, "needs_teacher", True) and self.teacher is None:
+        needs = getattr(objective, "needs_teacher", True) and not self.config.cached_teacher
+        if needs and self.teacher is None:
             raise ValueError(
                 f"{type(objective).__name__} distils from a teacher, but teacher is None. Pass a "
                 "Teacher, or use distill.losses.CrossEntropy to train from labels alone."
@@ -301,19 +319,7 @@ class Distiller:
 
     # ---------------------------------------------------------------- set-up
     def _make_accelerator(self) -> Any:
-        from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration
-
-        cfg = self.config
-        return Accelerator(
-            mixed_precision=cfg.mixed_precision,
-            gradient_accumulation_steps=cfg.grad_accum_steps,
-            log_with="wandb" if cfg.report_to == "wandb" else None,
-            dataloader_config=DataLoaderConfiguration(
-                use_seedable_sampler=True, data_seed=cfg.seed
-            ),
-            step_scheduler_with_optimizer=False,
-        )
+        return make_accelerator(self.config)
 
     @staticmethod
     def _check_optimizer(student: nn.Module, objective: nn.Module, optimizer: Any) -> None:
@@ -383,8 +389,13 @@ class Distiller:
     def _teacher_outputs(self, b: Batch) -> Outputs | None:
         if b.teacher_cached is not None:
             return b.teacher_cached
-        if self.teacher is None or not getattr(self.objective, "needs_teacher", True):
+        if not getattr(self.objective, "needs_teacher", True):
             return None
+        if self.teacher is None:
+            raise ValueError(
+                "cached_teacher=True but this batch has no 'teacher_logits': build the loader "
+                "from a teacher cache (distill.data.teacher_cache.CachedDataset), or pass a Teacher"
+            )
         with self.accelerator.autocast():
             if b.teacher_input is not None:
                 x = (
@@ -842,13 +853,14 @@ class Distiller:
             _, loader = self._prepare(None, loader)
         if model == "teacher" and self.teacher is None:
             raise ValueError("there is no teacher to evaluate")
-        net: Callable[[Any], Tensor]
+        # net(x, x_for_teacher): the teacher takes its own view of the batch when there is one
+        net: Callable[[Any, Any], Tensor]
         if model == "student":
             student = self.accelerator.unwrap_model(self.step_module).student
             was = student.training
             student.eval()
 
-            def net(x: Any) -> Tensor:
+            def net(x: Any, _prepared: Any = None) -> Tensor:
                 return extract_output(
                     student(_channels_last(x) if self.config.channels_last else x)
                 )
@@ -856,7 +868,9 @@ class Distiller:
             assert self.teacher is not None
             teacher = self.teacher
 
-            def net(x: Any) -> Tensor:
+            def net(x: Any, prepared: Any = None) -> Tensor:
+                if prepared is not None:
+                    return teacher(prepared, prepared=True).output
                 return teacher(x).output
 
         task = self.task
@@ -873,7 +887,7 @@ class Distiller:
                     continue
                 b = split_batch(to_device(raw, acc.device))
                 with acc.autocast():
-                    out = net(b.input).float()
+                    out = net(b.input, b.teacher_input).float()
                 if task == "logits":
                     if b.target is None:
                         raise ValueError("evaluation batches need targets for top-1/top-5")
@@ -895,7 +909,7 @@ class Distiller:
                             "(1 = same identity)}, e.g. LFW pairs"
                         )
                     with acc.autocast():
-                        out2 = net(x2).float()
+                        out2 = net(x2, b.extra.get("teacher_input2")).float()
                     o1, o2, t = acc.gather_for_metrics((out, out2, b.target))
                     outs.append(o1.cpu())
                     pairs.append(o2.cpu())

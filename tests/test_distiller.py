@@ -303,7 +303,8 @@ def test_wandb_offline_run_has_the_comparison_schema(
         log_every=2,
         report_to="wandb",
         run_info=info.config(),
-        tracker_init_kwargs=info.wandb_init_kwargs(),
+        # dir= explicitly: wandb's process-wide settings may hold an earlier test's WANDB_DIR
+        tracker_init_kwargs={**info.wandb_init_kwargs(), "dir": str(tmp_path)},
     )
     d = Distiller(student, tiny_teacher(), KDLoss(temperature=2.0, alpha=0.5), opt, config=cfg)
     d.fit(loader(), DataLoader(NoisyImages(16), batch_size=8))
@@ -350,3 +351,22 @@ def test_unreadable_images_are_skipped_counted_and_reported(tmp_path: Path) -> N
     assert metrics["images_seen"] == 46  # 48 minus the two unreadable ones
     report = json.loads((tmp_path / "skipped.json").read_text())
     assert "/data/img_3.jpg" in json.dumps(report) and "/data/img_17.jpg" in json.dumps(report)
+
+
+def test_cached_teacher_outputs_need_no_teacher_model(tmp_path: Path) -> None:
+    teacher = tiny_teacher()
+    data = NoisyImages()
+    cached = [
+        {**data[i], "teacher_logits": teacher(data.x[i : i + 1]).output[0]}
+        for i in range(len(data))
+    ]
+    student = tiny_student()
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    cfg = DistillerConfig(
+        output_dir=str(tmp_path), progress=False, max_steps=3, cached_teacher=True
+    )
+    d = Distiller(student, None, KDLoss(temperature=2.0, alpha=0.5), opt, config=cfg)
+    d.fit(DataLoader(cached, batch_size=8))  # type: ignore[arg-type]
+    assert d.progress.step == 3
+    with pytest.raises(ValueError, match="no 'teacher_logits'"):
+        Distiller(student, None, KDLoss(temperature=2.0, alpha=0.5), opt, config=cfg).fit(loader())

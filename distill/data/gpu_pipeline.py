@@ -332,9 +332,12 @@ class GpuBatchTransform:
         rows = params.tolist()
         crops = []
         for img, (top, left, h, w, flip) in zip(images, rows):
-            # The CPU resizes uint8 directly (SIMD path); CUDA interpolates in float.
-            x = img if img.device.type == "cpu" else img.float()
-            x = TF.resized_crop(x, top, left, h, w, list(self.size), antialias=True)
+            if img.device.type == "cpu":  # uint8 in, uint8 out: torchvision's SIMD path
+                x = TF.resized_crop(img, top, left, h, w, list(self.size), antialias=True)
+            else:  # crop first, so only the crop is converted to float
+                x = TF.resize(
+                    img[:, top : top + h, left : left + w].float(), list(self.size), antialias=True
+                )
             crops.append(x.flip(-1) if flip else x)
         batch = torch.stack(crops).float()  # (B, 3, S, S) in 0..255
         if batch.device.type != "cpu":

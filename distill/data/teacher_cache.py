@@ -149,8 +149,15 @@ def _sha(data: bytes | str) -> str:
 
 
 def weights_signature(model: nn.Module | Mapping[str, Tensor]) -> str:
-    """sha256 over a state dict: every entry's name, dtype, shape and bytes, in key order."""
-    state = model.state_dict() if isinstance(model, nn.Module) else model
+    """sha256 over a state dict: every entry's name, dtype, shape and bytes, in key order.
+
+    Names are taken without torch.compile's `_orig_mod.` and without a `model.` prefix shared
+    by every key (a `Teacher` wrapping the model), so the bare and the wrapped model agree.
+    """
+    state = dict(model.state_dict() if isinstance(model, nn.Module) else model)
+    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+    if state and all(k.startswith("model.") for k in state):
+        state = {k.removeprefix("model."): v for k, v in state.items()}
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
@@ -158,6 +165,22 @@ def weights_signature(model: nn.Module | Mapping[str, Tensor]) -> str:
         # Through uint8 so that bf16 and other numpy-less dtypes hash too.
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+# Teacher attributes that change its answer without being in its state dict.
+_TEACHER_ATTRS = (
+    "input_size", "mean", "std", "student_mean", "student_std", "interpolation", "output_kind",
+)  # fmt: skip
+
+
+def teacher_signature(teacher: nn.Module | Mapping[str, Tensor]) -> str:
+    """`weights_signature`, plus the input conversion of a `distill.teacher.Teacher` (its
+    resolution and normalisations), which the weights alone do not capture."""
+    weights = weights_signature(teacher)
+    conversion = {a: getattr(teacher, a) for a in _TEACHER_ATTRS if hasattr(teacher, a)}
+    if not conversion:
+        return weights
+    return config_signature({"weights": weights, "conversion": conversion})
 
 
 def files_signature(paths: Iterable[str | os.PathLike[str]], root: str | os.PathLike[str]) -> str:
@@ -198,7 +221,7 @@ def config_signature(config: Mapping[str, Any]) -> str:
 class Fingerprint:
     """What a cache's soft targets depend on. Each field is compared separately on open."""
 
-    teacher: str  # weights_signature(teacher)
+    teacher: str  # teacher_signature(teacher)
     dataset: str  # files_signature / array_signature of the data
     transform: str  # config_signature of the transform's parameters
     topk: int
@@ -223,7 +246,7 @@ class Fingerprint:
         num_classes: int,
     ) -> Fingerprint:
         return cls(
-            teacher=weights_signature(teacher),
+            teacher=teacher_signature(teacher),
             dataset=dataset.data_signature(),
             transform=config_signature(dataset.transform_config()),
             topk=topk,
@@ -233,7 +256,7 @@ class Fingerprint:
 
 
 _WHAT = {
-    "teacher": "the teacher's weights",
+    "teacher": "the teacher's weights or input conversion",
     "dataset": "the dataset's file list (paths and sizes)",
     "transform": "the transform parameters",
     "topk": "topk (k)",
@@ -405,6 +428,71 @@ class ReplayableImages(torch.utils.data.Dataset[dict[str, Any]]):
         }
 
 
+class ReplayableShifts(torch.utils.data.Dataset[dict[str, Any]]):
+    """In-memory images (N, C, H, W) with a random shift of up to `max_shift` pixels (padding
+    with `background`, (C, 1, 1)) as a `ReplayableDataset`; parameters "dy", "dx" in
+    [0, 2 * max_shift]. `ReplayableShifts.from_dataset` wraps distill.data.digits' datasets.
+    """
+
+    def __init__(
+        self, images: Tensor, targets: Tensor, *, max_shift: int, background: Tensor | None = None
+    ) -> None:
+        if images.ndim != 4 or len(images) != len(targets):
+            raise ValueError(
+                f"images must be (N, C, H, W) with N == len(targets), got {tuple(images.shape)} "
+                f"and {tuple(targets.shape)}"
+            )
+        if max_shift < 0:
+            raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+        self.images, self.targets, self.max_shift = images, targets, max_shift
+        c = images.shape[1]
+        self.background = torch.zeros(c, 1, 1) if background is None else background.view(c, 1, 1)
+
+    @classmethod
+    def from_dataset(cls, dataset: Any) -> ReplayableShifts:
+        """From a dataset with .images, .targets, .max_shift, .background (DigitsDataset)."""
+        return cls(
+            dataset.images,
+            dataset.targets,
+            max_shift=dataset.max_shift,
+            background=getattr(dataset, "background", None),
+        )
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def draw(
+        self, index: int, generator: torch.Generator
+    ) -> tuple[dict[str, ParamValue], dict[str, Any]]:
+        dy, dx = (
+            int(v) for v in torch.randint(0, 2 * self.max_shift + 1, (2,), generator=generator)
+        )
+        params: dict[str, ParamValue] = {"dy": dy, "dx": dx}
+        return params, self.replay(index, params)
+
+    def replay(self, index: int, params: Params) -> dict[str, Any]:
+        x = self.images[index]  # (C, H, W)
+        c, h, w = x.shape
+        s = self.max_shift
+        padded = self.background.expand(c, h + 2 * s, w + 2 * s).clone()
+        padded[:, s : s + h, s : s + w] = x
+        dy, dx = int(params["dy"]), int(params["dx"])
+        return {"input": padded[:, dy : dy + h, dx : dx + w], "target": self.targets[index]}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        raise TypeError("index a ReplayableShifts through CachedDataset (or call draw/replay)")
+
+    def data_signature(self) -> str:
+        return array_signature(self.images, self.targets)
+
+    def transform_config(self) -> dict[str, Any]:
+        return {
+            "type": "shift",
+            "max_shift": self.max_shift,
+            "background": self.background.flatten().tolist(),
+        }
+
+
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
@@ -568,7 +656,9 @@ class CachedDataset(torch.utils.data.Dataset[dict[str, Any]]):
     memory, so persistent DataLoader workers see it.
 
     Items carry "teacher_logits": dense (C,) float32 logits reconstructed from the top-k
-    (`output="dense"`; the Distiller then skips the teacher), or (`output="topk"`) the compact
+    (`output="dense"`; the Distiller then skips the teacher; relative to the row max, which no
+    softmax-based loss can tell apart, or on the teacher's own scale with `raw=True` for losses
+    that read logit values, e.g. MSE on logits), or (`output="topk"`) the compact
     "teacher_topk_values" (k,) fp16, "teacher_topk_indices" (k,) int64 and "teacher_tail_lse" ()
     to move fewer bytes to the device and densify there with `densify_batch`.
     """
@@ -581,6 +671,7 @@ class CachedDataset(torch.utils.data.Dataset[dict[str, Any]]):
         choice: Literal["cycle", "random"] = "cycle",
         output: Literal["dense", "topk"] = "dense",
         seed: int = 0,
+        raw: bool = False,
     ) -> None:
         if len(dataset) != len(cache):
             raise ValueError(
@@ -596,6 +687,7 @@ class CachedDataset(torch.utils.data.Dataset[dict[str, Any]]):
         self.choice = choice
         self.output = output
         self.seed = seed
+        self.raw = raw
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
@@ -622,7 +714,11 @@ class CachedDataset(torch.utils.data.Dataset[dict[str, Any]]):
         item.pop("teacher_input", None)
         if self.output == "dense":
             item["teacher_logits"] = reconstruct_logits(
-                e.values, e.indices, e.tail_lse, self.cache.num_classes
+                e.values,
+                e.indices,
+                e.tail_lse,
+                self.cache.num_classes,
+                e.offset if self.raw else None,
             )
         else:
             item["teacher_topk_values"] = e.values

@@ -1,0 +1,164 @@
+"""`python -m distill cache-teacher`: run a teacher once over K crops of every image, store top-k.
+
+python -m distill cache-teacher --teacher-arch torchvision:resnet50 \\
+    --teacher-weights resnet50.safetensors --data-dir data/imagenet/train --out cache/r50 \\
+    --crops 10 --topk 10 --resolution 224 --batch-size 256
+
+The teacher is an architecture name (a registered student, `timm:<model>` or
+`torchvision:<model>`, built without downloading anything) plus a local weights file, loaded
+safely (safetensors, or torch.load(weights_only=True)). Recipes that build their teacher with
+`teachers.load(...)` call `distill.data.teacher_cache.build_cache` directly instead. Training
+then reads the cache with `TeacherCache.open` + `CachedDataset` (see that module).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from typing import Any
+
+import torch
+
+from distill.data.teacher_cache import ReplayableImages, build_cache
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m distill cache-teacher",
+        description="Store a teacher's top-k logits on K replayable crops per image.",
+    )
+    t = p.add_argument_group("teacher")
+    t.add_argument("--teacher-arch", required=True, help="e.g. torchvision:resnet50, timm:resnet50")
+    t.add_argument("--teacher-weights", required=True, help=".safetensors or .pt/.pth state dict")
+    t.add_argument("--num-classes", type=int, default=1000, help="teacher outputs (default 1000)")
+    t.add_argument(
+        "--teacher-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra builder keyword (Python literal value), e.g. --teacher-arg alpha=0.5",
+    )
+    t.add_argument("--teacher-resolution", type=int, default=224)
+    t.add_argument("--teacher-mean", type=float, nargs=3, default=IMAGENET_MEAN)
+    t.add_argument("--teacher-std", type=float, nargs=3, default=IMAGENET_STD)
+    d = p.add_argument_group("data")
+    d.add_argument("--data-dir", required=True, help="the training images")
+    d.add_argument(
+        "--dataset",
+        choices=["imagefolder"],
+        default="imagefolder",
+        help="layout of --data-dir: imagefolder = <class>/<image> (ImageNet's train/ too)",
+    )
+    d.add_argument("--resolution", type=int, default=224, help="the student's input size")
+    d.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="student mean")
+    d.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="student std")
+    d.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), help="crop area range")
+    d.add_argument("--ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), help="crop aspect range")
+    d.add_argument("--flip-p", type=float, default=0.5)
+    c = p.add_argument_group("cache")
+    c.add_argument("--out", required=True, help="output folder (manifest.json + shards)")
+    c.add_argument("--crops", type=int, default=10, help="augmentation draws per image (K)")
+    c.add_argument("--topk", type=int, default=10, help="logits kept per draw (k)")
+    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--workers", type=int, default=4, help="DataLoader workers decoding images")
+    c.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu, ...")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--shard-size", type=int, default=50_000, help="images per shard")
+    c.add_argument("--overwrite", action="store_true", help="replace a different cache in --out")
+    c.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _builder_kwargs(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--teacher-arg expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value  # a bare word: keep it as a string
+    return out
+
+
+def build_teacher(args: argparse.Namespace) -> torch.nn.Module:
+    from distill.models import create_student
+    from distill.serialization import load_state_dict
+    from distill.teacher import Teacher
+
+    kwargs = {"num_classes": args.num_classes, **_builder_kwargs(args.teacher_arg)}
+    model = create_student(args.teacher_arch, **kwargs)
+    state = load_state_dict(args.teacher_weights, expected_keys=model.state_dict().keys())
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(
+            f"{args.teacher_weights} does not fit {args.teacher_arch} ({str(e).splitlines()[1:2]}...); "
+            "check --teacher-arch, --teacher-arg and --num-classes"
+        ) from None
+    if missing or unexpected:
+        raise ValueError(
+            f"{args.teacher_weights} does not fit {args.teacher_arch}: missing "
+            f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}; check --teacher-arch and "
+            "--num-classes"
+        )
+    return Teacher(
+        model,
+        input_size=args.teacher_resolution,
+        mean=args.teacher_mean,
+        std=args.teacher_std,
+        student_mean=args.mean,
+        student_std=args.std,
+        source=str(args.teacher_weights),
+        name=args.teacher_arch,
+    )
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    from distill.data.transforms import PairedTransform, ViewSpec
+
+    try:
+        teacher = build_teacher(args)
+        transform = PairedTransform(
+            ViewSpec(args.resolution, tuple(args.mean), tuple(args.std)),
+            ViewSpec(args.teacher_resolution, tuple(args.teacher_mean), tuple(args.teacher_std)),
+            train=True,
+            scale=tuple(args.scale),
+            ratio=tuple(args.ratio),
+            flip_p=args.flip_p,
+        )
+        dataset = ReplayableImages.from_folder(args.data_dir, transform)
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache = build_cache(
+        teacher,
+        dataset,
+        args.out,
+        crops=args.crops,
+        topk=args.topk,
+        batch_size=args.batch_size,
+        device=device,
+        seed=args.seed,
+        shard_size=args.shard_size,
+        num_workers=args.workers,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    m = cache.manifest
+    print(
+        f"cached {len(cache)} images x {cache.crops} crops, top-{cache.topk} of "
+        f"{cache.num_classes} classes: {cache.path} ({cache.nbytes() / 2**20:.1f} MiB, "
+        f"fingerprint {cache.fingerprint.digest[:12]}, "
+        f"{m.get('build', {}).get('draws_per_s', '?')} crops/s)"
+    )
+    return 0

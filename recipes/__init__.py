@@ -1,0 +1,1 @@
+"""`accelerate launch` recipes: imagenet.py, face_attributes.py, facenet.py (configs in configs/)."""

@@ -1,0 +1,344 @@
+"""Recipe configuration: one typed dataclass per recipe, filled from YAML and then the command line.
+
+YAML only sets values (it is read with `yaml.safe_load`, nothing is imported or built from a
+string); every command-line flag `--some-field VALUE` overrides the field `some_field`. All
+problems (unknown keys or flags, wrong types, out-of-range values) are collected and raised
+together in one `ConfigError`, before any model or data is touched. This module imports no
+torch, so a bad config fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin
+
+from distill.config import ConfigError, from_dict, load_yaml
+
+C = TypeVar("C", bound="RecipeConfig")
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+REPORT_TO = ("none", "wandb")
+GPU_PIPELINE = ("auto", "on", "off")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine", "constant")
+_NONE_WORDS = {"none", "null", "~"}
+
+
+@dataclass
+class RecipeConfig:
+    """Fields every recipe shares. Sizes are global: `batch_size` is split over processes."""
+
+    # where things are
+    data_dir: str | None = None  # the dataset in its torchvision on-disk layout
+    dataset: str | None = None  # or: a Hugging Face dataset name / local imagefolder/webdataset
+    train_split: str = "train"
+    eval_split: str = "validation"  # for --dataset sources
+    streaming: bool = False  # --dataset only: iterate without downloading it all (needs max_steps)
+    output_dir: str = "runs/recipe"
+    # how long
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    batch_size: int = 256  # global, over all processes
+    eval_batch_size: int | None = None  # global; default: batch_size
+    grad_accum_steps: int = 1
+    # optimisation
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    schedule: str = "step"
+    lr_steps: list[int] = field(default_factory=list)  # epochs at which lr *= lr_gamma
+    lr_gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    max_grad_norm: float | None = None
+    label_smoothing: float = 0.0
+    # the run
+    mixed_precision: str = "no"
+    save_every: int | None = None  # steps between checkpoints (also saved at each epoch end)
+    eval_every: int | None = None  # steps between evaluations (also at each epoch end)
+    log_every: int = 50
+    keep_checkpoints: int = 2
+    resume: str | None = None  # "latest" or a checkpoint folder
+    eval_only: bool = False
+    seed: int = 0
+    workers: int = 8  # DataLoader worker processes per training process
+    strict_data: bool = False  # stop at the first unreadable image instead of skipping it
+    gpu_pipeline: str = "auto"  # decode + augment JPEGs on the GPU (image folders only)
+    channels_last: bool = False
+    compile: bool = False
+    on_nonfinite: str = "raise"
+    report_to: str = "none"
+    project: str = "mobiledistill"
+    experiment: str = "recipe"  # W&B group, metrics.json "experiment"
+    run_name: str | None = None  # default: derived from role/method/student/alpha/...
+    progress: bool = True
+    limit_train: int | None = None  # use only the first N training samples (smoke tests)
+    limit_eval: int | None = None
+    # models
+    student: str = "mobilenet_v1"
+    alpha: float = 1.0  # width multiplier
+    resolution: int = 224  # student input size (the paper's rho)
+    teacher: str | None = None  # a teachers spec, optionally followed by key=value options
+    teacher_options: dict[str, Any] = field(default_factory=dict)  # keyword args of teachers.load
+    method: str = "kd"
+    temperature: float = 4.0
+    kd_weight: float = 0.9  # weight of the teacher term; 1 - kd_weight goes to the labels
+
+    # Recipe classes override these two.
+    METHODS: typing.ClassVar[tuple[str, ...]] = ("kd",)
+    NAME: typing.ClassVar[str] = "recipe"
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if not self.data_dir and not self.dataset:
+            p.append("data_dir: set --data-dir (or --dataset for a Hugging Face source)")
+
+        def at_least(name: str, lo: float, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if v is None or v < lo:
+                p.append(f"{name} must be >= {lo:g}{' or unset' if optional else ''}, got {v}")
+
+        at_least("epochs", 1)
+        at_least("max_steps", 1, optional=True)
+        at_least("batch_size", 1)
+        at_least("eval_batch_size", 1, optional=True)
+        at_least("grad_accum_steps", 1)
+        at_least("save_every", 1, optional=True)
+        at_least("eval_every", 1, optional=True)
+        at_least("log_every", 1)
+        at_least("workers", 0)
+        at_least("limit_train", 1, optional=True)
+        at_least("limit_eval", 1, optional=True)
+        at_least("warmup_epochs", 0)
+        at_least("weight_decay", 0)
+        at_least("momentum", 0)
+        if not self.lr > 0:
+            p.append(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr_gamma <= 1:
+            p.append(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        if any(s < 1 for s in self.lr_steps) or self.lr_steps != sorted(self.lr_steps):
+            p.append(f"lr_steps must be increasing epochs >= 1, got {self.lr_steps}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            p.append(f"max_grad_norm must be > 0 or unset, got {self.max_grad_norm}")
+        if not 0 <= self.label_smoothing < 1:
+            p.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name, allowed in (
+            ("mixed_precision", MIXED_PRECISION),
+            ("report_to", REPORT_TO),
+            ("gpu_pipeline", GPU_PIPELINE),
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("on_nonfinite", ("raise", "skip")),
+            ("method", self.METHODS),
+        ):
+            if getattr(self, name) not in allowed:
+                p.append(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if not self.alpha > 0 or self.alpha > 4:
+            p.append(f"alpha (width multiplier) must be in (0, 4], got {self.alpha}")
+        if self.resolution < 32:
+            p.append(
+                f"resolution must be >= 32 (MobileNet downsamples by 32), got {self.resolution}"
+            )
+        if not self.temperature > 0:
+            p.append(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.kd_weight <= 1:
+            p.append(f"kd_weight must be in [0, 1], got {self.kd_weight}")
+        if self.streaming and not self.dataset:
+            p.append("streaming applies to --dataset sources only")
+        if self.streaming and self.max_steps is None and not self.eval_only:
+            p.append("streaming data has no length: set max_steps")
+        if self.resume is not None and not self.resume:
+            p.append("resume must be 'latest' or a checkpoint folder")
+        if self.teacher is not None and not self.teacher.strip():
+            p.append("teacher must be a spec like 'torchvision:resnet50' or unset")
+        return p
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as plain values, for printing, logging and config.json."""
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------- parsing
+
+
+def _optional(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
+
+
+def _is_bool(tp: Any) -> bool:
+    return tp is bool or (_optional(tp) and bool in get_args(tp))
+
+
+def _cli_value(raw: str, tp: Any) -> Any:
+    """A flag's text as the value from_dict should coerce: 'none' unsets Optional fields,
+    mappings are read as YAML flow style ('{arch: mobilenet_v1}')."""
+    if _optional(tp) and raw.strip().lower() in _NONE_WORDS:
+        return None
+    if get_origin(tp) is dict:
+        import yaml
+
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0] if str(e) else "invalid"
+            raise ValueError(f"cannot read {raw!r} as a YAML mapping ({first})") from None
+        return value if value is not None else {}
+    return raw
+
+
+def build_parser(cls: type[RecipeConfig], description: str) -> argparse.ArgumentParser:
+    """`--config FILE` plus one `--field-name VALUE` flag per dataclass field."""
+    ap = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
+    )
+    ap.add_argument("--config", help="YAML file of field: value (flags override it)")
+    ap.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        factory: Any = f.default_factory
+        default = f.default if f.default is not dataclasses.MISSING else factory()
+        kwargs: dict[str, Any] = {"dest": f.name, "metavar": "V", "help": f"(default: {default!r})"}
+        if _is_bool(tp):
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif f.name == "resume":
+            kwargs.update(nargs="?", const="latest", metavar="latest|PATH")
+        ap.add_argument(flag, **kwargs)
+    return ap
+
+
+def parse_config(cls: type[C], argv: Sequence[str] | None, description: str = "") -> tuple[C, bool]:
+    """(config, print_only) from `--config` YAML and flags; raises ConfigError listing every
+    problem (unknown flags or keys, wrong types, values out of range)."""
+    ap = build_parser(cls, description)
+    args, unknown = ap.parse_known_args(argv)
+    ns = vars(args)
+    problems = _unknown(unknown, [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(cls)])
+    source = "the command line"
+    data: dict[str, Any] = {}
+    config_file = ns.pop("config", None)
+    print_only = bool(ns.pop("print_config", False))
+    if config_file:
+        source = f"{config_file} + command line"
+        try:
+            data = load_yaml(config_file)
+        except ConfigError as e:
+            raise ConfigError(e.problems + problems, str(config_file)) from None
+    hints = typing.get_type_hints(cls)
+    for name, raw in ns.items():
+        try:
+            data[name] = _cli_value(raw, hints[name])
+        except ValueError as e:
+            problems.append(f"{name}: {e}")
+    cfg, more = _build(cls, data, source)
+    problems += more
+    if problems:
+        raise ConfigError(problems, source)
+    assert cfg is not None
+    return cfg, print_only
+
+
+def _unknown(args: Sequence[str], flags: Sequence[str]) -> list[str]:
+    """Problems for arguments argparse did not recognise (a flag's value stays with it)."""
+    import difflib
+
+    problems: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):
+            name = arg.split("=", 1)[0]
+            close = difflib.get_close_matches(name, flags, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else " (see --help)"
+            problems.append(f"unknown option {name!r}{hint}")
+            i += 1
+            while i < len(args) and not args[i].startswith("-"):
+                i += 1  # its value
+            continue
+        problems.append(f"unexpected argument {arg!r}")
+        i += 1
+    return problems
+
+
+def _build(cls: type[C], data: Mapping[str, Any], source: str) -> tuple[C | None, list[str]]:
+    """Every key checked on its own, so one error lists all of them; then ranges."""
+    problems: list[str] = []
+    good: dict[str, Any] = {}
+    for key, value in data.items():
+        try:
+            from_dict(cls, {key: value}, source=source, check=False)
+        except ConfigError as e:
+            problems += e.problems
+        else:
+            good[key] = value
+    try:
+        cfg = from_dict(cls, good, source=source, check=False)
+    except ConfigError as e:  # pragma: no cover - every key passed on its own
+        return None, problems + e.problems
+    except (TypeError, ValueError) as e:
+        return None, [*problems, str(e)]
+    return cfg, problems + cfg.problems()
+
+
+def format_config(cfg: RecipeConfig) -> str:
+    """The resolved config as `key: value` lines (what the run will use)."""
+    lines = [f"resolved config ({type(cfg).__name__}):"]
+    for k, v in cfg.resolved().items():
+        lines.append(f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}")
+    return "\n".join(lines)
+
+
+def parse_teacher(
+    spec: str | None, options: Mapping[str, Any]
+) -> tuple[str | None, dict[str, Any]]:
+    """'file:/t.safetensors arch=torchvision:resnet50 num_classes=40' -> (spec, kwargs).
+
+    Inline `key=value` options are read as YAML scalars ("none"/"null" -> None); the
+    `teacher_options` mapping is applied first, inline options override it.
+    """
+    if spec is None:
+        return None, dict(options)
+    import shlex
+
+    import yaml
+
+    parts = shlex.split(spec)
+    if not parts:
+        return None, dict(options)
+    kwargs = dict(options)
+    for item in parts[1:]:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(
+                [f"teacher option {item!r} must look like key=value (in {spec!r})"], "teacher"
+            )
+        if raw.strip().lower() in _NONE_WORDS:
+            kwargs[key] = None
+            continue
+        try:
+            kwargs[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            kwargs[key] = raw
+        if not isinstance(kwargs[key], (str, int, float, bool, list, dict)):
+            kwargs[key] = raw
+    return parts[0], kwargs
+
+
+def output_path(cfg: RecipeConfig, *parts: str) -> Path:
+    return Path(cfg.output_dir).expanduser().joinpath(*parts)

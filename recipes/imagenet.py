@@ -1,0 +1,230 @@
+"""ImageNet: distil a ResNet-50 (torchvision IMAGENET1K_V1, 76.13% top-1) into MobileNetV1 1.0-224.
+
+    accelerate launch recipes/imagenet.py --config recipes/configs/imagenet_kd.yaml \\
+        --data-dir /data/imagenet [--key value ...]
+
+Data: `--data-dir` in torchvision's ImageNet layout (meta.bin + train/ and val/ wnid folders),
+or plain train/ and val/ class folders; or `--dataset` for a Hugging Face source (a hub name, or
+`imagefolder`/`webdataset` with `--data-dir`). Methods: kd (Hinton et al. 2015), dkd (Zhao et
+al. 2022) and ce (the from-scratch baseline). Reports top-1/top-5 on the validation split.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from recipes._config import RecipeConfig
+from recipes._run import Context, Parts, RecipeError, run_recipe, user_errors
+
+
+@dataclass
+class ImageNetConfig(RecipeConfig):
+    output_dir: str = "runs/imagenet"
+    experiment: str = "imagenet"
+    teacher: str | None = "torchvision:resnet50 weights=IMAGENET1K_V1"
+    method: str = "kd"
+    temperature: float = 1.0
+    kd_weight: float = 0.5
+    num_classes: int | None = None  # default: the dataset's classes
+    crop_pct: float = 0.875
+    # DKD (Zhao et al. 2022): loss = dkd_ce_weight * CE + warm-up * (dkd_alpha*TCKD + dkd_beta*NCKD)
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 2.0
+    dkd_ce_weight: float = 1.0
+    dkd_warmup_epochs: float = 1.0
+
+    METHODS: ClassVar[tuple[str, ...]] = ("kd", "dkd", "ce")
+    NAME: ClassVar[str] = "imagenet"
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        if self.num_classes is not None and self.num_classes < 2:
+            p.append(f"num_classes must be >= 2 or unset, got {self.num_classes}")
+        if not 0 < self.crop_pct <= 1:
+            p.append(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.method != "ce" and not self.teacher:
+            p.append(f"method {self.method} needs a teacher (--teacher)")
+        for name in ("dkd_alpha", "dkd_beta", "dkd_ce_weight", "dkd_warmup_epochs"):
+            if getattr(self, name) < 0:
+                p.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        return p
+
+
+def _torchvision_sets(cfg: ImageNetConfig) -> tuple[Any, Any, str]:
+    """(train, val, description) from --data-dir: the ImageNet layout, else class folders."""
+    from distill.data import DataLayoutError, image_folder, imagenet
+    from distill.data.datasets import IMAGE_FOLDER_LAYOUT, IMAGENET_LAYOUT
+
+    root = Path(cfg.data_dir or "").expanduser()
+    layouts = f"{IMAGENET_LAYOUT}\nor plain class folders:\n  <root>/train/<class>/*.jpg\n  <root>/val/<class>/*.jpg"
+    if not root.is_dir():
+        raise DataLayoutError(root, "--data-dir does not exist", layouts)
+    has_meta = (root / "meta.bin").is_file() or (root / "ILSVRC2012_devkit_t12.tar.gz").is_file()
+    if has_meta:
+        train = imagenet(root, "train")
+        val = imagenet(root, "val")
+        return train, val, "imagenet"
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise DataLayoutError(root, "no meta.bin and no train/ + val/ class folders", layouts)
+    train = image_folder(root / "train")
+    val = image_folder(root / "val")
+    if val.classes != train.classes:
+        raise DataLayoutError(
+            root,
+            f"val/ has classes {val.classes[:5]}... but train/ has {train.classes[:5]}...: both "
+            "need the same class folders",
+            IMAGE_FOLDER_LAYOUT,
+        )
+    return train, val, f"imagefolder:{root.name}"
+
+
+def _hf_sets(cfg: ImageNetConfig, num_classes: int | None) -> tuple[Any, Any, str]:
+    from distill.data import hf_image_dataset
+    from recipes._data import hf_source
+
+    def load(split: str, train: bool) -> Any:
+        return hf_image_dataset(
+            cfg.dataset or "",
+            split=split,
+            **hf_source(cfg.dataset or "", cfg.data_dir, split),
+            streaming=cfg.streaming,
+            shuffle_seed=cfg.seed if cfg.streaming and train else None,
+            num_classes=num_classes,
+            strict=cfg.strict_data,
+        )
+
+    return load(cfg.train_split, True), load(cfg.eval_split, False), str(cfg.dataset)
+
+
+def build(cfg: ImageNetConfig, ctx: Context) -> Parts:
+    from distill.data.gpu_pipeline import GpuBatchTransform
+    from distill.losses import CrossEntropy, DKDLoss, KDLoss
+    from recipes._data import encoded_folder_loader, limit, make_loader, robust, views
+    from recipes._run import build_student, check_outputs, load_teacher
+
+    # 1. data (cheap layout checks before any weights are read)
+    if cfg.dataset:
+        with user_errors(f"loading --dataset {cfg.dataset}"):
+            train_set, eval_set, dataset_name = _hf_sets(cfg, cfg.num_classes)
+    else:
+        train_set, eval_set, dataset_name = _torchvision_sets(cfg)
+    # 2. teacher, and the class count everyone must agree on
+    teacher = load_teacher(cfg) if cfg.method != "ce" else None
+    found = getattr(train_set, "num_classes", None)
+    num_classes = cfg.num_classes or found or (teacher.num_outputs if teacher else None)
+    if num_classes is None:
+        raise RecipeError(
+            f"cannot tell how many classes {dataset_name} has (its labels are not a ClassLabel): "
+            "set --num-classes"
+        )
+    if found is not None and found != num_classes:
+        raise RecipeError(f"--num-classes {num_classes} but {dataset_name} has {found} classes")
+    if cfg.dataset and cfg.num_classes is None and cfg.data_dir:
+        from distill.data.hf import validate_metadata_csvs
+
+        # the class count came from the teacher: check the labels against it now
+        validate_metadata_csvs(cfg.data_dir, num_classes=num_classes)
+    if teacher is not None:
+        check_outputs(teacher, num_classes, f"the dataset {dataset_name}")
+    # 3. transforms at each model's own resolution, then loaders
+    train_set.transform = views(teacher, cfg.resolution, train=True, crop_pct=cfg.crop_pct)
+    eval_set.transform = views(teacher, cfg.resolution, train=False, crop_pct=cfg.crop_pct)
+    rec, strict = ctx.recorder, cfg.strict_data
+    train_data = limit(robust(train_set, rec, strict=strict), cfg.limit_train)
+    eval_data = limit(robust(eval_set, rec, strict=strict), cfg.limit_eval)
+    train_loader = make_loader(
+        train_data, ctx.per_process_batch, train=True, workers=cfg.workers, seed=cfg.seed
+    )
+    device = _pipeline_device(cfg)
+    if device is not None:
+        if cfg.dataset:
+            raise RecipeError("--gpu-pipeline on reads image folders (--data-dir), not --dataset")
+        transform = GpuBatchTransform(
+            cfg.resolution,
+            train=True,
+            device=device,
+            channels_last=cfg.channels_last,
+            seed=cfg.seed,
+        )
+        train_loader = encoded_folder_loader(
+            train_set.samples,
+            list(train_set.classes),
+            transform,
+            rec,
+            strict=strict,
+            batch_size=ctx.per_process_batch,
+            train=True,
+            workers=cfg.workers,
+            seed=cfg.seed,
+            limit_n=cfg.limit_train,
+        )
+        ctx.print(f"--gpu-pipeline: training images decoded and augmented in batches on {device}")
+    eval_loader = make_loader(
+        eval_data, ctx.per_process_eval_batch, train=False, workers=cfg.workers, seed=cfg.seed
+    )
+    # 4. student and objective
+    student = build_student(
+        cfg.student, alpha=cfg.alpha, resolution=cfg.resolution, num_outputs=num_classes
+    )
+    with user_errors(f"building the {cfg.method} objective"):
+        objective: Any
+        if cfg.method == "kd":
+            objective = KDLoss(temperature=cfg.temperature, alpha=cfg.kd_weight)
+        elif cfg.method == "dkd":
+            objective = DKDLoss(
+                alpha=cfg.dkd_alpha,
+                beta=cfg.dkd_beta,
+                temperature=cfg.temperature,
+                ce_weight=cfg.dkd_ce_weight,
+                warmup_epochs=cfg.dkd_warmup_epochs,
+            )
+        else:
+            objective = CrossEntropy(label_smoothing=cfg.label_smoothing)
+    return Parts(
+        student=student,
+        teacher=teacher,
+        objective=objective,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        task="logits",
+        role="distilled" if teacher is not None else "scratch",
+        dataset_name=dataset_name,
+        student_name=cfg.student,
+        alpha=cfg.alpha if ":" not in cfg.student else None,
+        resolution=cfg.resolution,
+        uses_kd_weight=cfg.method == "kd",  # DKD weighs its parts with dkd_alpha/dkd_beta
+    )
+
+
+def _pipeline_device(cfg: ImageNetConfig) -> Any:
+    """--gpu-pipeline: on -> CUDA (or an error); auto -> CUDA for image folders when there is
+    one, else the PIL pipeline (which also pairs teacher views and skips bad files); off -> PIL."""
+    import torch
+
+    from distill.data.gpu_pipeline import pipeline_device
+
+    if cfg.gpu_pipeline == "on":
+        try:
+            return pipeline_device("on")
+        except RuntimeError:
+            raise RecipeError(
+                "--gpu-pipeline on needs a CUDA device, and torch sees none: use "
+                "--gpu-pipeline auto (batched decoding when there is a GPU, else PIL) or off"
+            ) from None
+    if cfg.gpu_pipeline == "auto" and torch.cuda.is_available() and not cfg.dataset:
+        return torch.device("cuda")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_recipe(ImageNetConfig, build, argv, __doc__ or "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
