@@ -704,6 +704,9 @@ class Distiller:
             init_kwargs["wandb"] = dict(self.config.tracker_init_kwargs)
         if self.config.run_name:
             init_kwargs.setdefault("wandb", {}).setdefault("name", self.config.run_name)
+        if os.environ.get("WANDB_DIR"):
+            # wandb keeps process-wide settings from its first run; honour the current folder
+            init_kwargs.setdefault("wandb", {}).setdefault("dir", os.environ["WANDB_DIR"])
         acc.init_trackers(
             self.config.project, config=self._loggable_config(), init_kwargs=init_kwargs
         )

@@ -53,7 +53,7 @@ def test_offline_run_through_accelerate_reads_back(offline_wandb: Path) -> None:
     accelerator.init_trackers(
         "mobiledistill-test",
         config=info.config({"lr": 0.05, "notes": notes}),
-        init_kwargs={"wandb": info.wandb_init_kwargs()},
+        init_kwargs={"wandb": {**info.wandb_init_kwargs(), "dir": str(offline_wandb)}},
     )
     for step in range(5):
         accelerator.log(
