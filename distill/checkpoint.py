@@ -10,18 +10,28 @@ Layout under `<output_dir>/checkpoints/`:
     .tmp-step_00000140/         a write in progress: never read
 
 A checkpoint is written under a temporary name and renamed once complete, so a crash
-mid-write leaves the previous one loadable. `distill_state.json` is written last; a folder
-without it is incomplete and skipped. A complete folder whose files do not match the manifest
-was altered after writing and is refused.
+mid-write leaves the previous one loadable (`--resume latest` says which unfinished write it
+ignores). `distill_state.json` is written last; a folder without it is incomplete and skipped.
+A complete folder whose files do not match the manifest was altered after writing and is
+refused, and so is one holding a pickle that would run code. A write that fails (disk full)
+leaves no partial checkpoint behind and names the last good one.
+
+Fault injection (tests only): `MOBILEDISTILL_FAULT_SLEEP_IN_SAVE=SECONDS[@STEP]` makes the main
+process sleep after a checkpoint's files (manifest included) are written and before the folder
+is renamed into place (only for checkpoint STEP when given), so a test can kill a run
+mid-write deterministically. See tests/FAULTS.md.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +43,7 @@ STATE_FILE = "distill_state.json"
 SCHEDULER_FILE = "scheduler_distill.pt"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
+FAULT_SLEEP_ENV = "MOBILEDISTILL_FAULT_SLEEP_IN_SAVE"
 
 
 class CheckpointError(RuntimeError):
@@ -83,38 +94,123 @@ def save_checkpoint(
     """Save accelerate's state plus `state` (progress counters) as checkpoint `step`.
 
     Called on every process (accelerate writes per-process RNG files); the main process
-    finalises, renames and prunes. Returns the final folder.
+    finalises, renames and prunes. Returns the final folder. A failed write (disk full, ...)
+    removes the partial folder and raises `CheckpointError` naming the last good checkpoint.
     """
     root = Path(root)
     final, tmp = step_dir(root, step), root / f"{TMP_PREFIX}{PREFIX}{step:08d}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-        manifest = {
-            p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(tmp.iterdir())
-            if p.is_file()
-        }
-        write_json_atomic(tmp / STATE_FILE, {**state, "step": step, "manifest": manifest})
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        prune(root, keep)
+    main = accelerator.is_main_process
+    try:
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if main:
+            if scheduler is not None:
+                torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            manifest = {
+                p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                for p in sorted(tmp.iterdir())
+                if p.is_file()
+            }
+            write_json_atomic(tmp / STATE_FILE, {**state, "step": step, "manifest": manifest})
+            _fsync_dir(tmp)
+            _fault_pause(step)
+            _move_into_place(tmp, final)
+            _fsync_dir(root)
+            prune(root, keep)
+    except OSError as e:
+        raise _write_failed(e, root, step, tmp if main else None) from e
     accelerator.wait_for_everyone()
     return final
 
 
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`. An existing `final` (the same step saved again) is first moved
+    aside, never deleted in place: a kill at any moment leaves either the old or the new
+    checkpoint complete, or neither under a `step_` name (then the previous step is used)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fault_pause(step: int) -> None:
+    raw = os.environ.get(FAULT_SLEEP_ENV)
+    if not raw:
+        return
+    seconds, _, at = raw.partition("@")
+    if not at or int(at) == step:
+        logger.warning("%s=%s: pausing before checkpoint %d is renamed", FAULT_SLEEP_ENV, raw, step)
+        time.sleep(float(seconds))
+
+
+def _write_failed(err: OSError, root: Path, step: int, tmp: Path | None) -> CheckpointError:
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint behind
+    last = find_latest(root)
+    good = f"the last good checkpoint is {last}" if last else "no checkpoint was written before"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = f"the disk is full (no space left on the device holding {root})"
+        fix = "Free some space (or lower keep_checkpoints, or choose another output_dir)"
+    else:
+        what = f"{err.strerror or err} ({err.filename or root})"
+        fix = "Fix the output folder"
+    return CheckpointError(
+        f"could not write checkpoint {step}: {what}. Nothing partial was kept; {good}. {fix} "
+        "and rerun with --resume latest."
+    )
+
+
+def estimate_bytes(module: torch.nn.Module) -> int:
+    """Rough size of one checkpoint of `module`: its weights and buffers, room for up to two
+    optimizer moments per weight (Adam), and 1 MiB for the small files."""
+    tensors = [*module.parameters(), *module.buffers()]
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    return 3 * weights + (1 << 20)
+
+
+def check_free_space(root: Path, per_checkpoint: int, keep: int, extra: int = 0) -> None:
+    """Raise `CheckpointError` when the disk holding `root` cannot take the checkpoints a run
+    will keep (the newest is written before the oldest is pruned) plus `extra` bytes."""
+    root = Path(root)
+    existing = sum(1 for p in list_checkpoints(root) if (p / STATE_FILE).exists())
+    copies = max(1, max(keep, 1) + 1 - existing)
+    needed = copies * per_checkpoint + extra
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise CheckpointError(
+            f"not enough free disk space for this run: {_size(free)} free under {probe}, about "
+            f"{_size(needed)} needed ({copies} new checkpoint(s) of ~{_size(per_checkpoint)}: "
+            "the newest is written before the oldest is pruned, plus the exported student). "
+            "Free some space, choose another output_dir, or lower keep_checkpoints."
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def prune(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (keep <= 0 keeps everything)."""
+    """Delete all but the newest `keep` complete checkpoints (keep <= 0 keeps everything), and
+    what interrupted writes left behind (called after a successful save)."""
+    for stale in Path(root).glob(f"{TMP_PREFIX}*{PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
     if keep <= 0:
         return
     complete = [p for p in list_checkpoints(root) if (p / STATE_FILE).exists()]
@@ -169,7 +265,16 @@ def read_state(path: Path, *, verify: bool = True) -> dict[str, Any]:
 
 
 def find_latest(root: Path) -> Path | None:
-    """Newest complete checkpoint under `root`; incomplete ones are skipped with a warning."""
+    """Newest complete checkpoint under `root`; incomplete ones, and writes that were cut off
+    before their rename, are skipped with a warning."""
+    root = Path(root)
+    if root.is_dir():
+        for p in sorted(root.glob(f"{TMP_PREFIX}*{PREFIX}*")):
+            if p.is_dir():
+                logger.warning(
+                    "ignoring %s: a checkpoint write that was interrupted before it completed",
+                    p,
+                )
     for path in reversed(list_checkpoints(root)):
         if (path / STATE_FILE).exists():
             return path
@@ -196,10 +301,24 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
 def load_checkpoint(accelerator: Any, path: Path, scheduler: Any = None) -> dict[str, Any]:
     """Verify and load checkpoint `path` into the prepared objects; returns its progress."""
     state = read_state(path)
-    accelerator.load_state(str(path))
+    sched_file = Path(path) / SCHEDULER_FILE
+    try:  # accelerate reads its pickles with weights_only=True, as we do
+        accelerator.load_state(str(path))
+        if scheduler is not None and sched_file.exists():
+            scheduler.load_state_dict(torch.load(sched_file, weights_only=True))
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint {path} holds a pickle that needs more than tensors and plain values "
+            f"to load (loading it could run code): refused, nothing in it was run. Only resume "
+            f"from checkpoints you wrote. ({str(e).splitlines()[0]})"
+        ) from None
+    except RuntimeError as e:  # shapes of another model, files accelerate did not write ...
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this run: {e}. Resume with the settings it was "
+            "written with, or start a new output_dir."
+        ) from e
     # accelerate does not restore its own checkpoint counter; keep it right for later saves.
     accelerator.project_configuration.iteration = int(state.get("accelerate_iteration", 0))
-    sched_file = Path(path) / SCHEDULER_FILE
-    if scheduler is not None and sched_file.exists():
-        scheduler.load_state_dict(torch.load(sched_file, weights_only=True))
     return state

@@ -227,6 +227,27 @@ def _seed_batch(seed: int, epoch: int, batch: int, rank: int) -> None:
     torch.manual_seed(s)
 
 
+FAULT_NONFINITE_ENV = "MOBILEDISTILL_FAULT_NONFINITE"
+
+
+def _fault_from_env() -> tuple[int, str] | None:
+    """Fault injection for the test suite (tests/FAULTS.md): MOBILEDISTILL_FAULT_NONFINITE=
+    STEP:PART makes loss part PART (and so the loss) NaN while optimizer step STEP is computed."""
+    raw = os.environ.get(FAULT_NONFINITE_ENV)
+    if not raw:
+        return None
+    step, _, part = raw.partition(":")
+    return int(step), part or "loss"
+
+
+def _poison(parts: dict[str, Tensor], part: str) -> dict[str, Tensor]:
+    if part not in parts:
+        raise KeyError(f"{FAULT_NONFINITE_ENV}: no loss part {part!r}; parts: {sorted(parts)}")
+    nan = torch.tensor(float("nan"), device=parts[part].device)
+    bad = parts[part] * nan
+    return {**parts, part: bad, "loss": parts["loss"] + bad if part != "loss" else bad}
+
+
 def _channels_last(x: Any) -> Any:
     if isinstance(x, Tensor) and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
@@ -314,6 +335,7 @@ class Distiller:
         self._input_shape: tuple[int, ...] | None = None
         self._train_len = 0
         self.output_dir = Path(self.config.output_dir)
+        self._fault = _fault_from_env()
         if example_input is not None:
             self._check_compat(example_input)
 
@@ -520,7 +542,7 @@ class Distiller:
                             k, torch.zeros((), dtype=torch.bool, device=acc.device)
                         )
                         bad_parts[k] = prev | (newly_bad & ~torch.isfinite(v))
-                n_in_sums += 1
+                    n_in_sums += 1  # skipped batches (agreed by all ranks) are not averaged
                 images_timed += b.size() * world
                 p.images_seen += b.size() * world
                 if not acc.sync_gradients:
@@ -596,6 +618,8 @@ class Distiller:
         with acc.accumulate(self.step_module):
             with acc.autocast():
                 parts = self.step_module(x, t_out, b.target)
+            if self._fault is not None and self._fault[0] == self.progress.step + 1:
+                parts = _poison(parts, self._fault[1])
             if cfg.on_nonfinite == "skip":
                 finite = torch.isfinite(parts["loss"].detach()).float().reshape(1)
                 # every process must agree, or DDP's gradient all-reduce would hang
@@ -627,6 +651,16 @@ class Distiller:
 
     def _save(self, root: Path) -> None:
         p = self.progress
+        # a finite loss can still end in an overflowing update: never save such weights
+        params = [t.detach() for t in self.step_module.parameters()]
+        if params and not bool(torch.stack([torch.isfinite(t).all() for t in params]).all()):
+            last = ckpt.find_latest(root)
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+            raise NonFiniteLossError(
+                f"the weights became non-finite at step {p.step} (parts: weights; the loss was "
+                f"finite, the update overflowed); {where}. Lower the learning rate or set "
+                "max_grad_norm."
+            )
         state = {
             **dataclasses.asdict(p),
             "accelerate_iteration": int(self.accelerator.project_configuration.iteration) + 1,
@@ -639,7 +673,8 @@ class Distiller:
 
     # ---------------------------------------------------------------- logging
     def _preflight(self) -> None:
-        """Fail before any work when the output folder cannot be written."""
+        """Fail before any work when the output folder cannot be written, or its disk cannot
+        hold the checkpoints the run will keep (an estimate: weights + two optimizer moments)."""
         out = self.output_dir
         if self.accelerator.is_main_process:
             try:
@@ -651,6 +686,16 @@ class Distiller:
                 raise PermissionError(
                     f"cannot write to output_dir {out} ({e.strerror}); choose a writable folder"
                 ) from e
+            student_bytes = sum(
+                t.numel() * t.element_size()
+                for t in [*self.student.parameters(), *self.student.buffers()]
+            )
+            ckpt.check_free_space(
+                out / "checkpoints",
+                ckpt.estimate_bytes(self.step_module),
+                self.config.keep_checkpoints,
+                extra=student_bytes,
+            )
 
     def _bar(self, total: int, initial: int) -> Any:
         if not (self.config.progress and self.accelerator.is_main_process):
@@ -667,7 +712,7 @@ class Distiller:
         )
 
     def _log_train(self, sums: dict[str, Tensor], n: int, images_per_s: float, bar: Any) -> None:
-        if n == 0:
+        if n == 0 or not sums:  # nothing since the last row (every batch skipped)
             return
         acc = self.accelerator
         keys = sorted(sums)

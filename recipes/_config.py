@@ -168,6 +168,47 @@ class RecipeConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class CacheableRecipeConfig(RecipeConfig):
+    """A recipe whose teacher outputs class logits can distil offline (FKD-style cache):
+    `--cache-teacher DIR` runs the teacher once over `crops` crops of every training image and
+    exits; `--teacher-cache DIR` then trains from DIR without loading the teacher."""
+
+    cache_teacher: str | None = None  # build the teacher cache in this folder, then exit
+    teacher_cache: str | None = None  # train from this cache (built by --cache-teacher)
+    crops: int = 10  # augmentation draws cached per training image (K)
+    topk: int = 10  # teacher logits kept per draw (k); the rest is stored as one log-mass
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        if self.cache_teacher is None and self.teacher_cache is None:
+            return p
+        if self.cache_teacher is not None and self.teacher_cache is not None:
+            p.append(
+                "cache_teacher and teacher_cache exclude each other: build the cache first "
+                "(--cache-teacher DIR), then train with --teacher-cache DIR"
+            )
+        flag = "--cache-teacher" if self.cache_teacher is not None else "--teacher-cache"
+        if self.crops < 1 or self.topk < 1:
+            p.append(f"crops and topk must be >= 1, got {self.crops} and {self.topk}")
+        if self.method == "ce":
+            p.append(f"method ce uses no teacher: drop {flag}")
+        if not self.teacher:
+            p.append(f"{flag} needs --teacher: the cache is tied to the teacher spec")
+        if self.dataset:
+            p.append(f"{flag} reads image folders (--data-dir), not --dataset sources")
+        if self.gpu_pipeline == "on":
+            p.append(
+                f"{flag} replays stored crops with the PIL pipeline: use --gpu-pipeline auto or off"
+            )
+        if self.cache_teacher is not None and (self.eval_only or self.resume is not None):
+            p.append(
+                "--cache-teacher only builds the cache and exits: drop --eval-only/--resume "
+                "(an interrupted build resumes by itself when rerun)"
+            )
+        return p
+
+
 # ------------------------------------------------------------------------------- parsing
 
 

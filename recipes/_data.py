@@ -1,5 +1,6 @@
 """Data plumbing shared by the recipes: bad-file skipping that survives worker processes and DDP,
-loaders, and the batched (GPU) JPEG pipeline for image folders.
+loaders, the batched (GPU) JPEG pipeline for image folders, and the teacher cache of offline
+distillation (`--cache-teacher` / `--teacher-cache`).
 
 An unreadable image (truncated, empty, not an image, too large) is *skipped*: the sample is
 replaced by the next readable one, so every batch keeps its size (DDP and the exact-resume
@@ -22,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from distill.data import BadImageError, SkipLog, Skipped
+from recipes._config import CacheableRecipeConfig, parse_teacher
 
 MAX_CONSECUTIVE_BAD = 64
 
@@ -323,3 +325,251 @@ def hf_source(dataset: str, data_dir: str | None, split: str) -> dict[str, Any]:
         if shards:
             return {"data_files": {split: [str(s) for s in shards]}}
     return {"data_dir": data_dir}
+
+
+# ------------------------------------------------------------------- offline distillation
+
+
+class SkipUnreadable:
+    """A `ReplayableDataset` (distill.data.teacher_cache) whose unreadable images are replaced
+    by the next readable one, in `draw` and `replay` alike: while the files stay as they are
+    (the cache fingerprint checks their sizes) the same substitute is drawn when the cache is
+    built and replayed when training reads it, so its crop and its teacher answer still agree.
+    """
+
+    def __init__(self, dataset: Any, recorder: SkipRecorder, *, strict: bool = False) -> None:
+        self.dataset = dataset
+        self.recorder = recorder
+        self.strict = strict
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _readable(self, index: int, fn: Any) -> Any:
+        n = len(self.dataset)
+        first: BadImageError | None = None
+        for k in range(min(n, MAX_CONSECUTIVE_BAD)):
+            try:
+                return fn((index + k) % n)
+            except BadImageError as e:
+                if self.strict:
+                    raise
+                self.recorder.record(e.path, e.reason, e.detail)
+                first = first or e
+        raise BadImageError(
+            first.path if first else "?",
+            first.reason if first else "unreadable",
+            f"{min(n, MAX_CONSECUTIVE_BAD)} images in a row could not be read; check the dataset",
+        )
+
+    def draw(self, index: int, generator: torch.Generator) -> Any:
+        # an unreadable file fails before the generator is used: the substitute gets it fresh
+        return self._readable(index, lambda i: self.dataset.draw(i, generator))
+
+    def replay(self, index: int, params: Any) -> Any:
+        return self._readable(index, lambda i: self.dataset.replay(i, params))
+
+    def data_signature(self) -> str:
+        return str(self.dataset.data_signature())
+
+    def transform_config(self) -> Any:
+        return self.dataset.transform_config()
+
+
+def replayable_images(
+    samples: list[tuple[str, int]],
+    transform: Any,
+    recorder: SkipRecorder,
+    *,
+    root: str | Path,
+    strict: bool,
+    limit_n: int | None,
+) -> SkipUnreadable:
+    """The training images and their paired train transform as a replayable dataset (what a
+    teacher cache is built over and replayed from); `limit_n` keeps the first n samples."""
+    from distill.data.teacher_cache import ReplayableImages
+
+    # absolute paths: the fingerprint names files relative to `root`, wherever the run starts
+    kept = samples[:limit_n] if limit_n is not None else samples
+    absolute = [(os.path.abspath(p), y) for p, y in kept]
+    images = ReplayableImages(absolute, transform, root=os.path.abspath(Path(root).expanduser()))
+    return SkipUnreadable(images, recorder, strict=strict)
+
+
+RECIPE_FILE = "recipe.json"  # written next to the cache's manifest: what it was built for
+_COMPONENTS = {
+    "teacher": "teacher (--teacher spec and --teacher-options)",
+    "dataset": "training images (file list, sizes and labels; --data-dir, --limit-train)",
+    "transform": "training transform (--resolution, crop scale/ratio, flip)",
+    "num_classes": "number of classes",
+    "topk": "topk",
+    "crops": "crops",
+}
+
+
+def _identity(cfg: CacheableRecipeConfig, dataset: Any, num_classes: int) -> dict[str, Any]:
+    """What a recipe's cache depends on, in readable form. The teacher is named by its spec
+    (training from the cache must not load it); its view of each crop follows from the spec,
+    so the transform part is the student's view and the crop distribution only."""
+    spec, options = parse_teacher(cfg.teacher, cfg.teacher_options)
+    transform = {k: v for k, v in dataset.transform_config().items() if k != "teacher"}
+    return {
+        "teacher": {"spec": spec, "options": options},
+        "dataset": dataset.data_signature(),
+        "images": len(dataset),
+        "transform": json.loads(json.dumps(transform, default=str)),
+        "num_classes": num_classes,
+    }
+
+
+def _fingerprint(identity: dict[str, Any], *, topk: int, crops: int) -> Any:
+    from distill.data.teacher_cache import Fingerprint, config_signature
+
+    return Fingerprint(
+        teacher=config_signature(identity["teacher"]),
+        dataset=identity["dataset"],
+        transform=config_signature(identity["transform"]),
+        topk=topk,
+        crops=crops,
+        num_classes=identity["num_classes"],
+    )
+
+
+def _changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """'key: cache X, now Y' for every leaf that differs between two JSON-like values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _changes(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    if old == new:
+        return []
+    return [f"{prefix.rstrip('.') or 'value'}: cache {old!r}, now {new!r}"]
+
+
+def _explain(path: Path, names: list[str], now: dict[str, Any], fp: Any, found: Any) -> str:
+    """Which components of the cache differ from this run, with details from recipe.json."""
+    built: dict[str, Any] = {}
+    if (path / RECIPE_FILE).is_file():
+        built = json.loads((path / RECIPE_FILE).read_text()).get("identity", {})
+    lines = []
+    for name in names:
+        if name == "dataset":
+            detail = [f"cache {built.get('images', '?')} images, now {now['images']}"]
+        elif name in built:
+            detail = _changes(built[name], now[name])
+        else:
+            detail = [f"cache {getattr(found, name)}, now {getattr(fp, name)}"]
+        lines.append(f"  - {_COMPONENTS[name]}: {'; '.join(detail) or 'differs'}")
+    return "\n".join(lines)
+
+
+def build_recipe_cache(
+    cfg: CacheableRecipeConfig,
+    teacher: Any,
+    dataset: Any,
+    num_classes: int,
+    *,
+    device: Any,
+    batch_size: int,
+) -> Any:
+    """`--cache-teacher DIR`: run `teacher` on `cfg.crops` crops of every training image and
+    store its top-`cfg.topk` logits (distill.data.teacher_cache.build_cache); a finished cache
+    for the same settings is reused, an interrupted one resumed."""
+    from distill.checkpoint import write_json_atomic
+    from distill.data.teacher_cache import MANIFEST, TeacherCache, build_cache, teacher_signature
+    from recipes._run import RecipeError
+
+    assert cfg.cache_teacher is not None
+    out = Path(cfg.cache_teacher).expanduser()
+    identity = _identity(cfg, dataset, num_classes)
+    fp = _fingerprint(identity, topk=cfg.topk, crops=cfg.crops)
+    if (out / MANIFEST).is_file():
+        old = TeacherCache.open(out, verify=False)
+        diff = old.fingerprint.differences(fp)
+        if diff or old.manifest.get("seed") != cfg.seed:
+            what = _explain(out, diff, identity, fp, old.fingerprint) if diff else "  - --seed"
+            raise RecipeError(
+                f"--cache-teacher {out} already holds a teacher cache built for other "
+                f"settings:\n{what}\nChoose another folder, or delete this one to rebuild it"
+            )
+    device = torch.device(device)
+    cache = build_cache(
+        teacher,
+        dataset,
+        out,
+        crops=cfg.crops,
+        topk=cfg.topk,
+        batch_size=batch_size,
+        device=device,
+        seed=cfg.seed,
+        num_workers=cfg.workers,
+        fingerprint=fp,
+        progress=cfg.progress,
+        # the teacher runs as it would online: under autocast when mixed precision is on
+        autocast=device.type == "cuda" and cfg.mixed_precision != "no",
+    )
+    write_json_atomic(
+        out / RECIPE_FILE,
+        {
+            "recipe": cfg.NAME,
+            "identity": identity,
+            # provenance only: training from the cache checks the spec, not the weights
+            "teacher_weights_sha256": teacher_signature(teacher),
+            "seed": cfg.seed,
+        },
+    )
+    return cache
+
+
+def open_recipe_cache(cfg: CacheableRecipeConfig, dataset: Any, num_classes: int) -> Any:
+    """`--teacher-cache DIR`, checked against what this run would cache (teacher spec, training
+    files, transform, classes) and against the shards' checksums; any mismatch is an error."""
+    from distill.data.teacher_cache import MANIFEST, CacheCorruptError, TeacherCache
+    from recipes._run import RecipeError
+
+    assert cfg.teacher_cache is not None
+    path = Path(cfg.teacher_cache).expanduser()
+    if not (path / MANIFEST).is_file():
+        raise RecipeError(
+            f"--teacher-cache {path}: no teacher cache there ({MANIFEST} is missing). Build it "
+            f"first: the same command with --cache-teacher {path} instead of --teacher-cache"
+        )
+    cache = TeacherCache.open(path, verify=False)
+    identity = _identity(cfg, dataset, num_classes)
+    fp = _fingerprint(identity, topk=cache.topk, crops=cache.crops)
+    diff = cache.fingerprint.differences(fp)
+    if diff:
+        raise RecipeError(
+            f"--teacher-cache {path} was built for a different "
+            f"{', '.join(diff)}:\n{_explain(path, diff, identity, fp, cache.fingerprint)}\n"
+            "Train with the settings the cache was built with, or build a cache for these "
+            "settings (--cache-teacher NEW_DIR instead of --teacher-cache)"
+        )
+    try:
+        cache.verify()
+    except CacheCorruptError as e:
+        raise RecipeError(f"--teacher-cache {path}: {e} with --cache-teacher") from None
+    return cache
+
+
+def cached_teacher_name(cfg: Any, cache: Any) -> str | None:
+    """The teacher's name in metrics.json for a run trained from `cache` (None: no cache)."""
+    if cache is None:
+        return None
+    meta = cache.manifest.get("teacher_meta") or {}
+    return str(meta.get("name") or parse_teacher(cfg.teacher, {})[0] or "cached")
+
+
+def cache_notes(cache: Any) -> dict[str, Any]:
+    """run_info entries (config.json, metrics.json "info_teacher_cache") for a cached run."""
+    if cache is None:
+        return {}
+    return {
+        "teacher_cache": {
+            "path": str(cache.path),
+            "digest": cache.fingerprint.digest,
+            "crops": cache.crops,
+            "topk": cache.topk,
+        }
+    }

@@ -5,6 +5,9 @@ A recipe supplies `build(cfg, ctx) -> Parts` (data, student, teacher, objective)
 does the rest:
 
     parse -> accelerator -> build -> Distiller -> fit (or evaluate) -> skip report -> end
+
+or, for `--cache-teacher DIR` (recipes with a CacheableRecipeConfig): build -> run the teacher
+over K crops of every training image into DIR -> exit.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ def user_errors(what: str) -> Iterator[None]:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    import pickle
+
     from distill.checkpoint import CheckpointError
     from distill.data import AnnotationError, BadImageError, DataLayoutError
     from distill.distiller import NonFiniteLossError
@@ -64,6 +69,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         CheckpointError,
         NonFiniteLossError,
         PermissionError,
+        pickle.UnpicklingError,  # a refused file (it would have run code): UnsafeCheckpointError
     )
 
 
@@ -130,6 +136,12 @@ class Parts:
     uses_kd_weight: bool = True  # the objective reads cfg.kd_weight
     extra_params: list[Any] = field(default_factory=list)  # trained besides the student
     notes: dict[str, Any] = field(default_factory=dict)  # extra run_info
+    # offline distillation (CacheableRecipeConfig): the training set as a replayable dataset
+    # (recipes._data.replayable_images) and its class count, for --cache-teacher; the opened
+    # cache for --teacher-cache (then `teacher` is None and batches carry "teacher_logits")
+    replayable: Any = None
+    num_classes: int | None = None
+    teacher_cache: Any = None  # distill.data.teacher_cache.TeacherCache | None
 
 
 # ------------------------------------------------------------------------------ building blocks
@@ -262,8 +274,13 @@ def make_scheduler(cfg: RecipeConfig, optimizer: Any, spe: int | None) -> Any:
 
 def run_info(cfg: RecipeConfig, parts: Parts) -> Any:
     from distill.tracking import RunInfo
+    from recipes._data import cached_teacher_name
 
-    teacher = parts.teacher.name if parts.teacher is not None else None
+    teacher = (
+        parts.teacher.name
+        if parts.teacher is not None
+        else cached_teacher_name(cfg, parts.teacher_cache)
+    )
     distilled = parts.role == "distilled"
     return RunInfo(
         experiment=cfg.experiment,
@@ -324,12 +341,25 @@ def _run(cfg: C, build: Callable[[C, Context], Parts]) -> None:
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     if eval_bs % n:
         problems.append(f"eval_batch_size {eval_bs} must be divisible by the {n} processes")
+    if getattr(cfg, "cache_teacher", None) and n > 1:
+        problems.append(
+            f"--cache-teacher builds the cache in one process, but {n} were launched: use "
+            "`accelerate launch --num_processes 1` (training with --teacher-cache may use many)"
+        )
     if problems:
         raise ConfigError(problems, "the config (for this launch)")
     out = output_path(cfg)
     recorder = SkipRecorder(out / "skipped", acc.process_index)
     ctx = Context(acc, recorder, cfg.batch_size // n, eval_bs // n)
+    # torch seeds its default generator at random on start-up: without this the student's
+    # initialisation (and any replaced teacher head) would differ between runs with one --seed
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
     parts = build(cfg, ctx)  # reads nothing but metadata and weights, writes nothing
+    if getattr(cfg, "cache_teacher", None):
+        _cache_teacher(cfg, ctx, parts)
+        return
     if acc.is_main_process:
         _check_writable(out)
         recorder.reset()  # the report covers this invocation
@@ -355,6 +385,7 @@ def _check_writable(out: Path) -> None:
 
 def _distiller(cfg: RecipeConfig, ctx: Context, parts: Parts, info: Any) -> Any:
     from distill.distiller import Distiller, DistillerConfig
+    from recipes._data import cache_notes
 
     params = list(parts.student.parameters()) + list(parts.objective.parameters())
     optimizer = make_optimizer(cfg, params + list(parts.extra_params))
@@ -385,9 +416,11 @@ def _distiller(cfg: RecipeConfig, ctx: Context, parts: Parts, info: Any) -> Any:
         run_info={
             **{k: v for k, v in vars(info).items() if k != "seed"},
             **parts.notes,
+            **cache_notes(parts.teacher_cache),
             "recipe": cfg.resolved(),
         },
         tracker_init_kwargs=tracker_kwargs,
+        cached_teacher=parts.teacher_cache is not None,
     )
     with user_errors("setting up the run"):
         return Distiller(
@@ -399,6 +432,36 @@ def _distiller(cfg: RecipeConfig, ctx: Context, parts: Parts, info: Any) -> Any:
             config=dcfg,
             accelerator=ctx.accelerator,
         )
+
+
+def _cache_teacher(cfg: Any, ctx: Context, parts: Parts) -> None:
+    """--cache-teacher DIR: the teacher's answers on K crops of every training image, then exit."""
+    from distill.checkpoint import write_json_atomic
+    from recipes._data import build_recipe_cache
+
+    if parts.teacher is None or parts.replayable is None or parts.num_classes is None:
+        raise RecipeError(f"--cache-teacher: the {cfg.NAME} recipe built no teacher to cache")
+    ctx.recorder.reset()
+    with user_errors("building the teacher cache"):
+        cache = build_recipe_cache(
+            cfg,
+            parts.teacher,
+            parts.replayable,
+            parts.num_classes,
+            device=ctx.accelerator.device,
+            batch_size=ctx.per_process_eval_batch,
+        )
+    log = ctx.recorder.read()
+    if log:  # the substitutes are cached; training replays the same substitution
+        print(log.report(), file=sys.stderr)
+        write_json_atomic(cache.path / "skipped.json", log.to_dict())
+        ctx.recorder.reset()
+    ctx.print(
+        f"cached {len(cache)} images x {cache.crops} crops, top-{cache.topk} of "
+        f"{cache.num_classes} classes in {cache.path} ({cache.nbytes() / 2**20:.1f} MiB, "
+        f"fingerprint {cache.fingerprint.digest[:12]}); train from it with the same settings "
+        f"and --teacher-cache {cache.path}"
+    )
 
 
 def _fit(cfg: RecipeConfig, ctx: Context, parts: Parts) -> None:

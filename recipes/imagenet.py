@@ -7,6 +7,11 @@ Data: `--data-dir` in torchvision's ImageNet layout (meta.bin + train/ and val/ 
 or plain train/ and val/ class folders; or `--dataset` for a Hugging Face source (a hub name, or
 `imagefolder`/`webdataset` with `--data-dir`). Methods: kd (Hinton et al. 2015), dkd (Zhao et
 al. 2022) and ce (the from-scratch baseline). Reports top-1/top-5 on the validation split.
+
+Offline distillation (FKD-style, image folders only): `--cache-teacher DIR --crops K --topk k`
+runs the teacher once over K random crops of every training image and exits (one process);
+the same command with `--teacher-cache DIR` instead trains on exactly those crops without
+loading the teacher (metrics.json then has no teacher metrics).
 """
 
 from __future__ import annotations
@@ -19,12 +24,12 @@ from typing import Any, ClassVar
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes._config import RecipeConfig
+from recipes._config import CacheableRecipeConfig
 from recipes._run import Context, Parts, RecipeError, run_recipe, user_errors
 
 
 @dataclass
-class ImageNetConfig(RecipeConfig):
+class ImageNetConfig(CacheableRecipeConfig):
     output_dir: str = "runs/imagenet"
     experiment: str = "imagenet"
     teacher: str | None = "torchvision:resnet50 weights=IMAGENET1K_V1"
@@ -105,7 +110,15 @@ def _hf_sets(cfg: ImageNetConfig, num_classes: int | None) -> tuple[Any, Any, st
 def build(cfg: ImageNetConfig, ctx: Context) -> Parts:
     from distill.data.gpu_pipeline import GpuBatchTransform
     from distill.losses import CrossEntropy, DKDLoss, KDLoss
-    from recipes._data import encoded_folder_loader, limit, make_loader, robust, views
+    from recipes._data import (
+        encoded_folder_loader,
+        limit,
+        make_loader,
+        open_recipe_cache,
+        replayable_images,
+        robust,
+        views,
+    )
     from recipes._run import build_student, check_outputs, load_teacher
 
     # 1. data (cheap layout checks before any weights are read)
@@ -114,8 +127,9 @@ def build(cfg: ImageNetConfig, ctx: Context) -> Parts:
             train_set, eval_set, dataset_name = _hf_sets(cfg, cfg.num_classes)
     else:
         train_set, eval_set, dataset_name = _torchvision_sets(cfg)
-    # 2. teacher, and the class count everyone must agree on
-    teacher = load_teacher(cfg) if cfg.method != "ce" else None
+    # 2. teacher (not with --teacher-cache: the cache holds its answers), and the class count
+    cached = cfg.teacher_cache is not None
+    teacher = load_teacher(cfg) if cfg.method != "ce" and not cached else None
     found = getattr(train_set, "num_classes", None)
     num_classes = cfg.num_classes or found or (teacher.num_outputs if teacher else None)
     if num_classes is None:
@@ -138,10 +152,28 @@ def build(cfg: ImageNetConfig, ctx: Context) -> Parts:
     rec, strict = ctx.recorder, cfg.strict_data
     train_data = limit(robust(train_set, rec, strict=strict), cfg.limit_train)
     eval_data = limit(robust(eval_set, rec, strict=strict), cfg.limit_eval)
+    replay: Any = None
+    cache: Any = None
+    if cfg.cache_teacher is not None or cached:
+        # the crops are drawn (and replayed) by index from the paired transform's PIL pipeline
+        replay = replayable_images(
+            train_set.samples,
+            train_set.transform,
+            rec,
+            root=cfg.data_dir or ".",
+            strict=strict,
+            limit_n=cfg.limit_train,
+        )
+    if cached:
+        from distill.data.teacher_cache import CachedDataset
+
+        cache = open_recipe_cache(cfg, replay, num_classes)
+        train_data = CachedDataset(replay, cache, seed=cfg.seed)
+        ctx.print(f"--teacher-cache: {len(cache)} images x {cache.crops} cached crops")
     train_loader = make_loader(
         train_data, ctx.per_process_batch, train=True, workers=cfg.workers, seed=cfg.seed
     )
-    device = _pipeline_device(cfg)
+    device = _pipeline_device(cfg) if replay is None else None
     if device is not None:
         if cfg.dataset:
             raise RecipeError("--gpu-pipeline on reads image folders (--data-dir), not --dataset")
@@ -193,12 +225,15 @@ def build(cfg: ImageNetConfig, ctx: Context) -> Parts:
         train_loader=train_loader,
         eval_loader=eval_loader,
         task="logits",
-        role="distilled" if teacher is not None else "scratch",
+        role="distilled" if cfg.method != "ce" else "scratch",
         dataset_name=dataset_name,
         student_name=cfg.student,
         alpha=cfg.alpha if ":" not in cfg.student else None,
         resolution=cfg.resolution,
         uses_kd_weight=cfg.method == "kd",  # DKD weighs its parts with dkd_alpha/dkd_beta
+        replayable=replay,
+        num_classes=num_classes,
+        teacher_cache=cache,
     )
 
 

@@ -209,15 +209,15 @@ def test_train_step_reduces_loss() -> None:
     torch.manual_seed(0)
     m = mobilenet_v1(alpha=0.25, num_classes=3, dropout=0.0)
     x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     losses = []
-    for _ in range(5):
+    for _ in range(20):
         loss = nn.functional.cross_entropy(m(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    assert losses[-1] < 0.5 * losses[0]  # memorises 8 samples
 
 
 @pytest.mark.parametrize(

@@ -150,7 +150,7 @@ def test_shipped_configs_are_valid(module: str, config: str) -> None:
     cls = next(
         v
         for v in vars(mod).values()
-        if isinstance(v, type) and issubclass(v, RecipeConfig) and v is not RecipeConfig
+        if isinstance(v, type) and issubclass(v, RecipeConfig) and v.__module__ == mod.__name__
     )
     extra = ["--lfw-dir", "/l"] if module == "facenet" else []
     cfg, _ = parse_config(cls, ["--config", str(CONFIGS / config), "--data-dir", "/d", *extra])

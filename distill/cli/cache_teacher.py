@@ -6,9 +6,12 @@ python -m distill cache-teacher --teacher-arch torchvision:resnet50 \\
 
 The teacher is an architecture name (a registered student, `timm:<model>` or
 `torchvision:<model>`, built without downloading anything) plus a local weights file, loaded
-safely (safetensors, or torch.load(weights_only=True)). Recipes that build their teacher with
-`teachers.load(...)` call `distill.data.teacher_cache.build_cache` directly instead. Training
-then reads the cache with `TeacherCache.open` + `CachedDataset` (see that module).
+safely (safetensors, or torch.load(weights_only=True)). Training then reads the cache with
+`TeacherCache.open` + `CachedDataset` (see that module).
+
+Recipes build their caches themselves, with their own teacher, data and train transform:
+`accelerate launch recipes/imagenet.py --config ... --cache-teacher DIR --crops K --topk k`,
+then train with `--teacher-cache DIR` (recipes/README.md).
 """
 
 from __future__ import annotations
@@ -25,11 +28,20 @@ from distill.data.teacher_cache import ReplayableImages, build_cache
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+RECIPES_NOTE = """\
+For the recipes, build the cache with the recipe itself, so that its teacher, training set and
+transform are the ones cached (and checked when training):
+  accelerate launch recipes/imagenet.py --config CONFIG --cache-teacher DIR --crops K --topk k
+  accelerate launch recipes/imagenet.py --config CONFIG --teacher-cache DIR
+This command is for a teacher given as an architecture + weights file outside the recipes."""
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m distill cache-teacher",
         description="Store a teacher's top-k logits on K replayable crops per image.",
+        epilog=RECIPES_NOTE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t = p.add_argument_group("teacher")
     t.add_argument("--teacher-arch", required=True, help="e.g. torchvision:resnet50, timm:resnet50")
