@@ -175,7 +175,8 @@ class SeededDataset(torch.utils.data.Dataset):
         s = (self.seed * 1_000_003 + self.epoch * 999_983 + int(index) * 7_919 + 17) % (2**31 - 1)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+            # CPU generator only: torch.manual_seed would also queue CUDA seeding per image
+            torch.default_generator.manual_seed(s)
             random.seed(s)
             np.random.seed(s)
             try:
@@ -765,6 +766,7 @@ class Distiller:
             teacher = {k: v for k, v in teacher.items() if k != "label_names"}
         return {
             **info,
+            "seed": self.config.seed,
             "distiller": cfg,
             "teacher_meta": teacher,
             "objective": type(self.objective).__name__,
