@@ -28,6 +28,25 @@ from recipes._config import CacheableRecipeConfig, parse_teacher
 MAX_CONSECUTIVE_BAD = 64
 
 
+def first_readable(fn: Any, index: int, n: int, recorder: SkipRecorder, strict: bool) -> Any:
+    """`fn(index)`, or, when that image is unreadable, `fn` of the next readable index (each
+    skip recorded); `strict` re-raises the first failure instead."""
+    first: BadImageError | None = None
+    for k in range(min(n, MAX_CONSECUTIVE_BAD)):
+        try:
+            return fn((index + k) % n)
+        except BadImageError as e:
+            if strict:
+                raise
+            recorder.record(e.path, e.reason, e.detail)
+            first = first or e
+    raise BadImageError(
+        first.path if first else "?",
+        first.reason if first else "unreadable",
+        f"{min(n, MAX_CONSECUTIVE_BAD)} images in a row could not be read; check the dataset",
+    )
+
+
 class SkipRecorder:
     """Appends (path, reason) records to `<folder>/rank<r>-<pid>.jsonl`; picklable for workers."""
 
@@ -70,20 +89,8 @@ class ReplaceBadSamples(Dataset[Any]):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        n = len(self.dataset)
-        first: BadImageError | None = None
-        for k in range(min(n, MAX_CONSECUTIVE_BAD)):
-            try:
-                return self.dataset[(index + k) % n]
-            except BadImageError as e:
-                if self.strict:
-                    raise
-                self.recorder.record(e.path, e.reason, e.detail)
-                first = first or e
-        raise BadImageError(
-            first.path if first else "?",
-            first.reason if first else "unreadable",
-            f"{min(n, MAX_CONSECUTIVE_BAD)} images in a row could not be read; check the dataset",
+        return first_readable(
+            self.dataset.__getitem__, index, len(self.dataset), self.recorder, self.strict
         )
 
     def __getattr__(self, name: str) -> Any:
@@ -346,21 +353,7 @@ class SkipUnreadable:
         return len(self.dataset)
 
     def _readable(self, index: int, fn: Any) -> Any:
-        n = len(self.dataset)
-        first: BadImageError | None = None
-        for k in range(min(n, MAX_CONSECUTIVE_BAD)):
-            try:
-                return fn((index + k) % n)
-            except BadImageError as e:
-                if self.strict:
-                    raise
-                self.recorder.record(e.path, e.reason, e.detail)
-                first = first or e
-        raise BadImageError(
-            first.path if first else "?",
-            first.reason if first else "unreadable",
-            f"{min(n, MAX_CONSECUTIVE_BAD)} images in a row could not be read; check the dataset",
-        )
+        return first_readable(fn, index, len(self.dataset), self.recorder, self.strict)
 
     def draw(self, index: int, generator: torch.Generator) -> Any:
         # an unreadable file fails before the generator is used: the substitute gets it fresh
