@@ -15,72 +15,36 @@ ignores). `distill_state.json` is written last; a folder without it is incomplet
 A complete folder whose files do not match the manifest was altered after writing and is
 refused, and so is one holding a pickle that would run code. A write that fails (disk full)
 leaves no partial checkpoint behind and names the last good one.
-
-Fault injection (tests only): `MOBILEDISTILL_FAULT_SLEEP_IN_SAVE=SECONDS[@STEP]` makes the main
-process sleep after a checkpoint's files (manifest included) are written and before the folder
-is renamed into place (only for checkpoint STEP when given), so a test can kill a run
-mid-write deterministically. See tests/FAULTS.md.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
 import pickle
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from distill.files import TMP_PREFIX, fsync_dir, sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "distill_state.json"
 SCHEDULER_FILE = "scheduler_distill.pt"
 PREFIX = "step_"
-TMP_PREFIX = ".tmp-"
-FAULT_SLEEP_ENV = "MOBILEDISTILL_FAULT_SLEEP_IN_SAVE"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which and why."""
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def step_dir(root: Path, step: int) -> Path:
     return root / f"{PREFIX}{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to `path` through a temporary file and a rename."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(
@@ -117,10 +81,9 @@ def save_checkpoint(
                 if p.is_file()
             }
             write_json_atomic(tmp / STATE_FILE, {**state, "step": step, "manifest": manifest})
-            _fsync_dir(tmp)
-            _fault_pause(step)
+            fsync_dir(tmp)
             _move_into_place(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
             prune(root, keep)
     except OSError as e:
         raise _write_failed(e, root, step, tmp if main else None) from e
@@ -141,16 +104,6 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fault_pause(step: int) -> None:
-    raw = os.environ.get(FAULT_SLEEP_ENV)
-    if not raw:
-        return
-    seconds, _, at = raw.partition("@")
-    if not at or int(at) == step:
-        logger.warning("%s=%s: pausing before checkpoint %d is renamed", FAULT_SLEEP_ENV, raw, step)
-        time.sleep(float(seconds))
 
 
 def _write_failed(err: OSError, root: Path, step: int, tmp: Path | None) -> CheckpointError:

@@ -23,6 +23,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from distill.files import write_text_atomic
 from distill.tracking import ROLES, MetricsFileError, read_metrics_json
 
 ROLE_COLORS = {"teacher": "#6a3d9a", "scratch": "#e8710a", "distilled": "#1967d2"}
@@ -530,7 +531,4 @@ def write_report(
         _raw_table(runs, out.parent.resolve()),
         "</body></html>",
     ]
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_text_atomic(out, "\n".join(parts))

@@ -1,6 +1,8 @@
-"""Typed dataclass configs from YAML/dicts, with one error that lists every problem.
+"""Typed dataclass configs from YAML/dicts, with one error that lists every problem, and the
+Distiller's own config.
 
-YAML only sets values here; nothing is imported or built from a string.
+YAML only sets values here; nothing is imported or built from a string. This module imports no
+torch, so a bad config fails in well under a second.
 """
 
 from __future__ import annotations
@@ -9,10 +11,18 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, Union, cast, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin
+
+from distill.constants import TASK_KINDS
 
 T = TypeVar("T")
+
+MixedPrecision = Literal["no", "bf16", "fp16"]
+OnNonFinite = Literal["raise", "skip"]
+ReportTo = Literal["none", "wandb"]
+Task = Literal["auto", "logits", "multilabel", "embedding"]
 
 
 class ConfigError(ValueError):
@@ -25,6 +35,8 @@ class ConfigError(ValueError):
 
 
 def _type_name(tp: Any) -> str:
+    if get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -156,3 +168,59 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(["the top level must be a mapping of key: value"], str(p))
     return data
+
+
+@dataclass
+class DistillerConfig:
+    """How the loop runs. Recipes map their flags onto this; it is logged as is."""
+
+    output_dir: str = "runs/distill"
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    grad_accum_steps: int = 1
+    mixed_precision: MixedPrecision = "no"
+    log_every: int = 10
+    save_every: int | None = None  # optimizer steps between checkpoints
+    save_at_epoch_end: bool = True
+    keep_checkpoints: int = 2
+    eval_every: int | None = None  # optimizer steps; None: at epoch ends only
+    eval_at_epoch_end: bool = True
+    resume: str | None = None  # "latest", a checkpoint folder, or None
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    max_grad_norm: float | None = None
+    on_nonfinite: OnNonFinite = "raise"
+    task: Task = "auto"  # what the student outputs; auto: the teacher's kind, else logits
+    report_to: ReportTo = "none"
+    project: str = "mobiledistill"
+    run_name: str | None = None
+    progress: bool = True
+    export_student: bool = True
+    check_compatible: bool = True
+    cached_teacher: bool = False  # batches carry "teacher_logits": no teacher model needed
+    run_info: dict[str, Any] = field(default_factory=dict)  # role, method, alpha, ... for reports
+    tracker_init_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. wandb group/tags
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.epochs < 1 and self.max_steps is None:
+            p.append(f"epochs must be >= 1 (got {self.epochs}) unless max_steps is set")
+        for name in ("max_steps", "save_every", "eval_every"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                p.append(f"{name} must be >= 1 or unset, got {v}")
+        for name in ("grad_accum_steps", "log_every"):
+            if getattr(self, name) < 1:
+                p.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, allowed in (
+            ("mixed_precision", get_args(MixedPrecision)),
+            ("on_nonfinite", get_args(OnNonFinite)),
+            ("task", ("auto", *TASK_KINDS)),
+            ("report_to", get_args(ReportTo)),
+        ):
+            if getattr(self, name) not in allowed:
+                p.append(f"{name} must be {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            p.append(f"max_grad_norm must be > 0 or unset, got {self.max_grad_norm}")
+        return p

@@ -15,16 +15,16 @@ Wrapped checkpoints (``{"state_dict": ...}``, ``{"model": ...}``, EMA copies, DD
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import pickle
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from distill.files import atomic_path, sha256_file
 
 __all__ = [
     "SAFETENSORS_SUFFIXES",
@@ -77,13 +77,9 @@ def _inert_globals() -> list[Any]:
     return out
 
 
-def file_sha256(path: str | os.PathLike[str], *, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(_existing(path), "rb") as fh:
-        while block := fh.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes (FileNotFoundError naming the path if it is missing)."""
+    return sha256_file(_existing(path))
 
 
 def verify_sha256(path: str | os.PathLike[str], expected: str) -> str:
@@ -210,16 +206,8 @@ def save_safetensors(
         elif ptr:
             seen.add(ptr)
         tensors[name] = t
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=dict(metadata) if metadata else None)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
     return target
 
 

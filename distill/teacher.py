@@ -9,19 +9,17 @@ the device it is already on.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.types import Outputs
+from distill.types import IMAGENET_MEAN, IMAGENET_STD, TASK_KINDS, Outputs, TaskKind
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-OutputKind = Literal["logits", "multilabel", "embedding"]
-OUTPUT_KINDS: tuple[str, ...] = ("logits", "multilabel", "embedding")
+OutputKind = TaskKind  # what the teacher outputs is the task kind its student is evaluated on
+OUTPUT_KINDS = TASK_KINDS
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "OUTPUT_KINDS", "FeatureHooks", "OutputKind", "Teacher"]
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Shared value types: what models return to objectives, and how a batch is read."""
+"""Shared value types: what models return to objectives and how a batch is read (the shared
+constants, defined in distill.constants, are importable from here too)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,19 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from distill.constants import IMAGENET_MEAN, IMAGENET_STD, TASK_KINDS, TaskKind
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "TASK_KINDS",
+    "Batch",
+    "Outputs",
+    "TaskKind",
+    "split_batch",
+    "to_device",
+]
 
 
 @dataclass

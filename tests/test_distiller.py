@@ -347,7 +347,7 @@ def test_unreadable_images_are_skipped_counted_and_reported(tmp_path: Path) -> N
     data = DataLoader(SkipBadSamples(PartlyBroken()), batch_size=8, collate_fn=collate_skipping)
     d.fit(data)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["skipped_images"] == 2
+    assert metrics["skipped_images"]["total"] == 2  # one shape: {"total", "files"}
     assert metrics["images_seen"] == 46  # 48 minus the two unreadable ones
     report = json.loads((tmp_path / "skipped.json").read_text())
     assert "/data/img_3.jpg" in json.dumps(report) and "/data/img_17.jpg" in json.dumps(report)

@@ -3,8 +3,8 @@ and the last good checkpoint named (exit 2, no traceback), and never writes a ch
 non-finite weights; `--on-nonfinite skip` drops such a batch and counts it in metrics.json.
 
 Faults: a learning rate of 1e30 (the update overflows), a teacher checkpoint with a NaN in its
-classifier (a corrupt download), and MOBILEDISTILL_FAULT_NONFINITE=STEP:PART, the Distiller's
-test hook that poisons one loss part at one step.
+classifier (a corrupt download), and one loss part poisoned at one step by wrapping the
+recipe's objective (tests/scripts/faulty_recipe.py: PoisonedObjective).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import recipes.imagenet as recipe
 from distill.checkpoint import list_checkpoints, read_state
-from distill.distiller import FAULT_NONFINITE_ENV
 from recipes.imagenet import main
 from tests.scripts.fault_harness import make_data, recipe_args, single_thread
+from tests.scripts.faulty_recipe import poison_build
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +34,12 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_data(tmp_path_factory.mktemp("faults_nonfinite"))
+
+
+def poison(monkeypatch: pytest.MonkeyPatch, step: int, part: str) -> None:
+    """The recipe's objective, wrapped: part `part` is NaN at optimizer step `step`."""
+    monkeypatch.setattr(recipe, "build", recipe.build)  # restored after the test
+    poison_build(recipe, step, part)
 
 
 def failing(args: list[str], capsys: Any) -> str:
@@ -80,7 +87,7 @@ def test_poisoned_part_at_step_k_names_it_and_checkpoint_k_minus_1(
     data: dict[str, Path], tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "run"
-    monkeypatch.setenv(FAULT_NONFINITE_ENV, "5:ce")
+    poison(monkeypatch, 5, "ce")
     err = failing(recipe_args(data, out), capsys)
     good = out / "checkpoints" / "step_00000004"
     assert f"non-finite at step 5 (parts: loss, ce); the last good checkpoint is {good}." in err
@@ -91,7 +98,7 @@ def test_skip_drops_the_batch_and_counts_it(
     data: dict[str, Path], tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "run"
-    monkeypatch.setenv(FAULT_NONFINITE_ENV, "3:kd")
+    poison(monkeypatch, 3, "kd")
     assert main([*recipe_args(data, out), "--on-nonfinite", "skip"]) == 0
     assert "step 3: non-finite loss, batch skipped (1 so far)" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())

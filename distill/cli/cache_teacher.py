@@ -23,10 +23,8 @@ from typing import Any
 
 import torch
 
+from distill.constants import IMAGENET_MEAN, IMAGENET_STD
 from distill.data.teacher_cache import ReplayableImages, build_cache
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 RECIPES_NOTE = """\
 For the recipes, build the cache with the recipe itself, so that its teacher, training set and

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from distill.constants import IMAGENET_MEAN, IMAGENET_STD
+
 JPEG_EXTENSIONS = (".jpg", ".jpeg", ".JPG", ".JPEG")
 IMAGE_EXTENSIONS = (*JPEG_EXTENSIONS, ".png", ".PNG")
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from distill.teacher import IMAGENET_MEAN, IMAGENET_STD
+from distill.constants import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_CROP_PCT = 0.875  # eval: resize to R / 0.875, centre-crop R (the ImageNet convention)
 DEFAULT_SCALE = (0.08, 1.0)

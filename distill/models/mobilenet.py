@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from distill.constants import IMAGENET_MEAN, IMAGENET_STD
 from distill.models.registry import register_student
 
 __all__ = [
@@ -42,10 +43,6 @@ __all__ = [
 Variant = Literal["standard", "fullconv", "shallow"]
 VARIANTS: tuple[str, ...] = ("standard", "fullconv", "shallow")
 
-# Same values as distill.teacher's IMAGENET_MEAN/STD (0..1 pixel units); kept here so that the
-# models package does not depend on the teacher module.
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 STEM_CHANNELS = 32
 # (out_channels, depthwise stride) of the 13 separable blocks at alpha = 1, from Table 1.
@@ -250,8 +247,8 @@ class MobileNetV1(nn.Module):
         self.num_classes = num_classes
         self.classifier: nn.Module = self._make_classifier(num_classes)
 
-        mean = _IMAGENET_MEAN if in_chans == 3 else (0.5,) * in_chans
-        std = _IMAGENET_STD if in_chans == 3 else (0.5,) * in_chans
+        mean = IMAGENET_MEAN if in_chans == 3 else (0.5,) * in_chans
+        std = IMAGENET_STD if in_chans == 3 else (0.5,) * in_chans
         self.pretrained_cfg: dict[str, Any] = {
             "architecture": "mobilenet_v1" if variant == "standard" else f"mobilenet_v1_{variant}",
             "input_size": (in_chans, self.resolution, self.resolution),

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from distill.checkpoint import FAULT_SLEEP_ENV, STATE_FILE, find_latest
+from distill.checkpoint import STATE_FILE, find_latest
 from tests.conftest import ROOT, accelerate_cmd, launch_env
 from tests.datagen import make_bad_images, make_imagenet
+from tests.scripts.faulty_recipe import PAUSE_ENV
 from tests.test_recipes_common import TINY_TEACHER_OPTIONS, save_teacher, tiny_args
 
 WNID = "n01440764"
@@ -87,7 +88,9 @@ def start(
     """Launch the recipe in a session of its own; its output goes to <out>.<n>.log."""
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"{out.name}.{len(list(out.parent.glob(f'{out.name}.*.log')))}.log"
-    cmd = accelerate_cmd(ROOT / "recipes" / "imagenet.py", *args, processes=processes)
+    # the recipe, run through the script that injects the faults named in `env`
+    script = ROOT / "tests" / "scripts" / "faulty_recipe.py"
+    cmd = accelerate_cmd(script, *args, processes=processes)
     with open(log, "wb") as f:
         proc = subprocess.Popen(
             cmd,
@@ -164,7 +167,7 @@ def run_to_end(out: Path, args: list[str], *, processes: int = 1) -> str:
 
 def mid_write_env(step: int) -> dict[str, str]:
     """Pause the main process for a minute once checkpoint `step` is written, before its rename."""
-    return {FAULT_SLEEP_ENV: f"60@{step}"}
+    return {PAUSE_ENV: f"60@{step}"}
 
 
 def ckpt(out: Path, step: int, *, tmp: bool = False) -> Path:

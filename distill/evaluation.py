@@ -1,0 +1,198 @@
+"""Evaluation: one evaluator per task kind, and the one loop that feeds it.
+
+An evaluator collects what its metrics need from each batch (`update`) and turns it into
+numbers at the end (`compute`); it names its primary metric for reports. Adding a task kind or
+a metric is one class here, registered with `@register_evaluator`, plus its name in
+`distill.types.TaskKind`: the training loop does not change.
+
+    evaluator = make_evaluator("multilabel")
+    metrics = evaluate_loader(net, loader, evaluator, accelerator=acc, skip_log=log)
+
+Evaluators see gathered tensors (every process's share, without the padding accelerate adds to
+the last batch), so `compute` gives the same numbers on every process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from distill import metrics as M
+from distill.data.skipping import SkipLog, take_skipped
+from distill.types import TASK_KINDS, Batch, split_batch, to_device
+
+__all__ = [
+    "EVALUATORS",
+    "EmbeddingEvaluator",
+    "Evaluator",
+    "LogitsEvaluator",
+    "MultiLabelEvaluator",
+    "evaluate_loader",
+    "make_evaluator",
+    "register_evaluator",
+]
+
+# net(student_input, teacher_input_or_None) -> output tensor
+Net = Callable[[Any, Any], Tensor]
+Gather = Callable[[Any], Any]
+
+
+class Evaluator:
+    """Base class: collects batches, computes metrics (in percent, as papers report them)."""
+
+    kind: ClassVar[str]
+    primary: ClassVar[str]
+    higher_is_better: ClassVar[bool] = True
+
+    def views(self, b: Batch) -> list[tuple[Any, Any]]:
+        """The (student input, teacher input) pairs to run the model on for one batch."""
+        return [(b.input, b.teacher_input)]
+
+    def update(self, outputs: list[Tensor], b: Batch, gather: Gather) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:
+        raise NotImplementedError
+
+
+EVALUATORS: dict[str, type[Evaluator]] = {}
+
+
+def register_evaluator(cls: type[Evaluator]) -> type[Evaluator]:
+    """Class decorator: make `cls` the evaluator of task kind `cls.kind` (names are unique)."""
+    if cls.kind in EVALUATORS:
+        raise ValueError(
+            f"task kind {cls.kind!r} already has the evaluator {EVALUATORS[cls.kind].__name__}"
+        )
+    if cls.kind not in TASK_KINDS:
+        raise ValueError(f"add {cls.kind!r} to distill.types.TaskKind to register its evaluator")
+    EVALUATORS[cls.kind] = cls
+    return cls
+
+
+def make_evaluator(kind: str) -> Evaluator:
+    if kind not in EVALUATORS:
+        raise ValueError(f"no evaluator for task kind {kind!r}; known: {sorted(EVALUATORS)}")
+    return EVALUATORS[kind]()
+
+
+@register_evaluator
+class LogitsEvaluator(Evaluator):
+    """Class logits: top-1 and top-5 accuracy."""
+
+    kind = "logits"
+    primary = "top1"
+
+    def __init__(self) -> None:
+        self.correct: Tensor | None = None  # (2,) hits at k = 1, 5
+        self.count = 0
+
+    def update(self, outputs: list[Tensor], b: Batch, gather: Gather) -> None:
+        if b.target is None:
+            raise ValueError("evaluation batches need targets for top-1/top-5")
+        hits = gather(M.topk_hits(outputs[0], b.target, (1, 5)))  # (B, 2)
+        total = hits.sum(0)
+        self.correct = total if self.correct is None else self.correct + total
+        self.count += int(hits.shape[0])
+
+    def compute(self) -> dict[str, float]:
+        n = max(float(self.count), 1.0)
+        c = self.correct.tolist() if self.correct is not None else [0.0, 0.0]
+        return {"top1": c[0] / n * 100.0, "top5": c[1] / n * 100.0}
+
+
+@register_evaluator
+class MultiLabelEvaluator(Evaluator):
+    """Per-attribute logits against 0/1 targets: mean AP (sklearn's AP per attribute) and mean
+    accuracy; a batch "mask" (1 = label known) leaves unknown labels out."""
+
+    kind = "multilabel"
+    primary = "mAP"
+
+    def __init__(self) -> None:
+        self.scores: list[Tensor] = []
+        self.targets: list[Tensor] = []
+        self.masks: list[Tensor] = []
+
+    def update(self, outputs: list[Tensor], b: Batch, gather: Gather) -> None:
+        o, t = gather((outputs[0], b.target))
+        self.scores.append(o.cpu())
+        self.targets.append(t.cpu())
+        if "mask" in b.extra:
+            self.masks.append(gather(b.extra["mask"]).cpu())
+
+    def compute(self) -> dict[str, float]:
+        scores, y = torch.cat(self.scores), torch.cat(self.targets)
+        mask = torch.cat(self.masks) if self.masks else None
+        return {
+            "mAP": M.mean_average_precision(scores, y, mask),
+            "mean_acc": M.multilabel_accuracy(scores, y, mask),
+        }
+
+
+@register_evaluator
+class EmbeddingEvaluator(Evaluator):
+    """Face verification on pair batches {"input", "input2", "target" (1 = same identity)}:
+    10-fold accuracy and the true accept rate at a false accept rate of 1e-4."""
+
+    kind = "embedding"
+    primary = "verification_acc"
+
+    def __init__(self) -> None:
+        self.first: list[Tensor] = []
+        self.second: list[Tensor] = []
+        self.same: list[Tensor] = []
+
+    def views(self, b: Batch) -> list[tuple[Any, Any]]:
+        x2 = b.extra.get("input2")
+        if x2 is None:
+            raise ValueError(
+                "embedding evaluation needs pair batches: {'input', 'input2', 'target' "
+                "(1 = same identity)}, e.g. LFW pairs"
+            )
+        return [(b.input, b.teacher_input), (x2, b.extra.get("teacher_input2"))]
+
+    def update(self, outputs: list[Tensor], b: Batch, gather: Gather) -> None:
+        o1, o2, t = gather((outputs[0], outputs[1], b.target))
+        self.first.append(o1.cpu())
+        self.second.append(o2.cpu())
+        self.same.append(t.cpu())
+
+    def compute(self) -> dict[str, float]:
+        d = M.pair_distances(torch.cat(self.first), torch.cat(self.second))
+        same = torch.cat(self.same).numpy()
+        folds = 10 if len(d) >= 10 else max(2, len(d))
+        return {
+            "verification_acc": M.verification_accuracy(d, same, folds),
+            "tar_at_far_1e-4": M.tar_at_far(d, same, 1e-4),
+        }
+
+
+def evaluate_loader(
+    net: Net,
+    loader: Iterable[Any],
+    evaluator: Evaluator,
+    *,
+    accelerator: Any,
+    skip_log: SkipLog | None = None,
+) -> dict[str, float]:
+    """Run `net` over `loader` under no_grad and the accelerator's autocast; returns
+    `evaluator.compute()`. Unreadable images the data pipeline reported are moved into
+    `skip_log`."""
+    acc = accelerator
+    log = skip_log if skip_log is not None else SkipLog()
+    with torch.no_grad():
+        for raw in loader:
+            raw, empty = take_skipped(raw, log)
+            if empty:
+                continue
+            b = split_batch(to_device(raw, acc.device))
+            outputs = []
+            for x, x_teacher in evaluator.views(b):
+                with acc.autocast():
+                    outputs.append(net(x, x_teacher).float())
+            evaluator.update(outputs, b, acc.gather_for_metrics)
+    return evaluator.compute()
