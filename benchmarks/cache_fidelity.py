@@ -224,6 +224,7 @@ def real_teacher_logits(args: argparse.Namespace) -> Tensor:
     from torchvision.datasets import ImageFolder
 
     from distill.cli.cache_teacher import build_teacher
+    from distill.constants import IMAGENET_MEAN, IMAGENET_STD
     from distill.data.transforms import build_transforms
 
     ns = argparse.Namespace(
@@ -232,10 +233,10 @@ def real_teacher_logits(args: argparse.Namespace) -> Tensor:
         num_classes=args.num_classes,
         teacher_arg=[],
         teacher_resolution=args.teacher_resolution,
-        teacher_mean=(0.485, 0.456, 0.406),
-        teacher_std=(0.229, 0.224, 0.225),
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
+        teacher_mean=IMAGENET_MEAN,
+        teacher_std=IMAGENET_STD,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher = build_teacher(ns).to(device)

@@ -8,9 +8,12 @@ temporary ImageFolder (or reads --data-dir), then times full passes of:
 
 - pil       torchvision ImageFolder + RandomResizedCrop/flip/normalise in DataLoader workers
             (PIL decode), batches moved to the device: what peers do;
-- batched   distill.data.gpu_pipeline: workers read bytes, the batch is decoded and augmented
-            by `GpuBatchTransform` on the device (nvJPEG on CUDA; on the CPU the workers decode,
-            the same code path).
+- batched   distill.data.encoded + gpu_pipeline: workers read bytes, the batch is decoded and
+            augmented by `GpuBatchTransform` when moved to the device (nvJPEG on CUDA; on the
+            CPU the workers decode, with the PIL path's decoder and renderer).
+
+--teacher-resolution R also renders each crop natively for an R px teacher ("teacher_input"),
+on both pipelines, as distillation does.
 
 Median images/s over --repeats passes after one warm-up pass; rows go to benchmarks/RESULTS.md.
 """
@@ -71,13 +74,24 @@ def time_pass(loader: Any, device: str, to_device: bool) -> tuple[float, int]:
     n = 0
     t0 = time.perf_counter()
     for batch in loader:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch["input"]
+        if isinstance(batch, (list, tuple)):  # torchvision ImageFolder: (input, target)
+            batch = {"input": batch[0]}
+        elif not isinstance(batch, dict):  # an EncodedBatch: decoded when moved to the device
+            batch = batch.to(device, non_blocking=True)
         if to_device:
-            x = x.to(device, non_blocking=True)
-        n += x.shape[0]
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        n += batch["input"].shape[0]
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t0), n
+
+
+def paired(args: argparse.Namespace) -> Any:
+    """The distillation views: the student at --resolution, a teacher at --teacher-resolution."""
+    from distill.data.transforms import PairedTransform, ViewSpec
+
+    teacher = ViewSpec(args.teacher_resolution) if args.teacher_resolution else None
+    return PairedTransform(ViewSpec(args.resolution), teacher, train=True)
 
 
 def pil_loader(root: Path, args: argparse.Namespace) -> Any:
@@ -85,7 +99,12 @@ def pil_loader(root: Path, args: argparse.Namespace) -> Any:
 
     from distill.data.transforms import build_transforms
 
-    ds = ImageFolder(str(root), transform=build_transforms(args.resolution, train=True))
+    if args.teacher_resolution:
+        from distill.data.datasets import image_folder
+
+        ds: Any = image_folder(root, paired(args))
+    else:
+        ds = ImageFolder(str(root), transform=build_transforms(args.resolution, train=True))
     return torch.utils.data.DataLoader(
         ds,
         batch_size=args.batch_size,
@@ -98,15 +117,18 @@ def pil_loader(root: Path, args: argparse.Namespace) -> Any:
 
 
 def batched_loader(root: Path, args: argparse.Namespace) -> Any:
-    from distill.data.gpu_pipeline import EncodedImageFolder, GpuBatchTransform, encoded_loader
+    from distill.data.encoded import EncodedImageFolder, encoded_loader
+    from distill.data.gpu_pipeline import GpuBatchTransform
 
-    transform = GpuBatchTransform(args.resolution, device=args.device)
+    transform = GpuBatchTransform.from_paired(paired(args), device=args.device)
     return encoded_loader(
         EncodedImageFolder(root),
         transform,
         batch_size=args.batch_size,
         shuffle=True,
         num_workers=args.workers,
+        decode_in_workers=transform.device.type == "cpu",
+        persistent_workers=True,
     )
 
 
@@ -121,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "--data-dir", type=Path, help="an existing ImageFolder instead of generated JPEGs"
     )
     p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--teacher-resolution", type=int, help="also render a teacher view this big")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
@@ -161,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         f"\n\n### input pipeline, {args.device}, {date}\n\n"
         "| date | device | job | pipeline | images/s | × first | command |\n|---|---|---|---|---|---|---|\n"
     )
+    teacher = f" + teacher {args.teacher_resolution}" if args.teacher_resolution else ""
     job = (
-        f"{args.images} JPEGs {args.size[0]}x{args.size[1]} → RandomResizedCrop {args.resolution}, "
-        f"B={args.batch_size}, {args.workers} workers"
+        f"{args.images} JPEGs {args.size[0]}x{args.size[1]} → RandomResizedCrop {args.resolution}"
+        f"{teacher}, B={args.batch_size}, {args.workers} workers"
     )
     for method, rate in rows:
         text += f"| {date} | {device} | {job} | {method} | {rate:.0f} | {rate / ref:.2f} | `{command}` |\n"

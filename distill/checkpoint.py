@@ -25,6 +25,7 @@ import logging
 import os
 import pickle
 import shutil
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,31 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "distill_state.json"
 SCHEDULER_FILE = "scheduler_distill.pt"
 PREFIX = "step_"
+
+
+@dataclass
+class Progress:
+    """The loop's counters, persisted in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batch_in_epoch: int = 0  # batches of the current epoch already consumed
+    images_seen: int = 0
+    skipped_nonfinite: int = 0
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Progress:
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+
+
+def progress_fields(p: Progress, epoch_len: int) -> dict[str, Any]:
+    """The run record's fields of `p` (distill.run_record), epochs fractional."""
+    return {
+        "steps": p.step,
+        "epochs": p.epoch + p.batch_in_epoch / max(1, epoch_len),
+        "images_seen": p.images_seen,
+        "skipped_nonfinite": p.skipped_nonfinite,
+    }
 
 
 class CheckpointError(RuntimeError):
@@ -249,6 +275,19 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
             f"{step_dir(root, 100)} or 'latest'."
         )
     return path
+
+
+def resume(accelerator: Any, what: str | None, root: Path, scheduler: Any = None) -> Any:
+    """Load the checkpoint `what` ("latest", a folder, or None) names into the prepared
+    objects; its state (progress, history, ...), or None when there is nothing to resume."""
+    path = resolve_resume(what, root)
+    if path is None:
+        if what == "latest":
+            accelerator.print(f"no checkpoint under {root}: starting from scratch")
+        return None
+    state = load_checkpoint(accelerator, path, scheduler)
+    accelerator.print(f"resumed from {path} at step {state.get('step', 0)}")
+    return state
 
 
 def load_checkpoint(accelerator: Any, path: Path, scheduler: Any = None) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import re
 import statistics
@@ -21,14 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from distill.compare_plots import paper_points, plot
 from distill.files import write_text_atomic
 from distill.tracking import ROLES, MetricsFileError, read_metrics_json
 
-ROLE_COLORS = {"teacher": "#6a3d9a", "scratch": "#e8710a", "distilled": "#1967d2"}
-PAPER_COLOR = "#7f7f7f"
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -202,114 +199,6 @@ def sections(runs: Sequence[dict[str, Any]]) -> list[Section]:
     return out
 
 
-# ----------------------------------------------------------------------------- plots
-
-
-class PaperPoint(NamedTuple):
-    alpha: float
-    resolution: int
-    top1: float
-    mult_adds_m: float
-    params_m: float
-
-
-def _paper_points() -> list[PaperPoint]:
-    """The MobileNet grid's ImageNet top-1 (Howard et al. 2017, Tables 6, 7 and 9)."""
-    from distill import paper
-
-    points = {}
-    for row in (*paper.TABLE6, *paper.TABLE7, *paper.TABLE9):
-        if row.variant == "standard" and row.alpha and row.resolution and row.top1 is not None:
-            points[(row.alpha, row.resolution)] = PaperPoint(
-                row.alpha, row.resolution, row.top1, row.mult_adds_m, row.params_m
-            )
-    return list(points.values())
-
-
-def _series(section: Section) -> dict[tuple, list[Cell]]:
-    """Cells joined by one line: the same student, role, method and alpha across resolutions."""
-    out: dict[tuple, list[Cell]] = defaultdict(list)
-    for c in section.cells:
-        f = c.first
-        key = (f["role"], f["method"], f["student"], f["teacher"], f["alpha"])
-        out[(*key, f["temperature"], f["kd_weight"])].append(c)
-    return out
-
-
-def _style(role: str, method: str, methods: list[str]) -> dict[str, Any]:
-    marker = "*" if role == "teacher" else "o"
-    if role == "distilled":
-        marker = _MARKERS[methods.index(method) % len(_MARKERS)]
-    return {"color": ROLE_COLORS.get(role, "#444444"), "marker": marker}
-
-
-def _plot(section: Section, x_field: str, x_label: str) -> bytes:
-    """Metric against mult-adds or params (millions, log x); one PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    fig = Figure(figsize=(6.4, 4.4), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    methods = sorted({c.first["method"] for c in section.cells if c.first["role"] == "distilled"})
-    for (role, method, _, _, alpha, *_), cells in _series(section).items():
-        style = _style(role, method, methods)
-        cells = [c for c in cells if c.mean_of(x_field)]  # unprofiled runs have no x
-        if not cells:
-            continue
-        cells.sort(key=lambda c: (c.mean_of(x_field) or 0.0, c.first["resolution"] or 0))
-        xs = [(c.mean_of(x_field) or 0.0) / 1e6 for c in cells]
-        ys = [c.mean for c in cells]
-        errs = [c.std for c in cells]
-        ax.errorbar(
-            xs, ys, yerr=errs if any(errs) else None, **style, alpha=0.9, capsize=2,
-            markersize=11 if role == "teacher" else 6, linewidth=1.2,
-            linestyle="-" if len(cells) > 1 else "none",
-        )  # fmt: skip
-        if alpha is not None and role != "teacher":
-            ax.annotate(
-                f"α={alpha:g}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 3),
-                fontsize=7, color=style["color"],
-            )  # fmt: skip
-
-    present = {c.first["role"] for c in section.cells}
-    handles = []
-    for role in (r for r in ROLES if r in present):
-        for m in methods if role == "distilled" else [""]:
-            label = f"distilled ({m})" if m else role
-            handles.append(Line2D([], [], **_style(role, m, methods), label=label))
-    if "teacher" not in present:  # only the students' records know the teacher's score
-        for value in sorted(
-            {v for c in section.cells if (v := section.teacher_for(c)) is not None}
-        ):
-            ax.axhline(value, color=ROLE_COLORS["teacher"], linestyle="--", linewidth=1)
-            label = "teacher (runs' teacher_metrics)"
-            if not any(h.get_label() == label for h in handles):
-                handles.append(Line2D([], [], color=ROLE_COLORS["teacher"], ls="--", label=label))
-    if section.paper_comparable:
-        pts = _paper_points()
-        px = [(p.mult_adds_m if x_field == "mult_adds" else p.params_m) for p in pts]
-        ax.scatter(px, [p.top1 for p in pts], marker="x", color=PAPER_COLOR, zorder=3)
-        for p, x in zip(pts, px):
-            ax.annotate(
-                f"{p.alpha:g}-{p.resolution}", (x, p.top1), textcoords="offset points", xytext=(4, -8),
-                fontsize=6, color=PAPER_COLOR,
-            )  # fmt: skip
-        label = "Howard et al. 2017, ImageNet"
-        handles.append(Line2D([], [], color=PAPER_COLOR, marker="x", ls="none", label=label))
-    ax.set_xscale("log")
-    ax.set_xlabel(f"{x_label} (millions, log scale)")
-    better = "higher is better" if section.higher_is_better else "lower is better"
-    ax.set_ylabel(f"{section.metric} ({better})")
-    ax.set_title(f"{section.metric} vs {x_label} — {section.dataset}", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(handles=handles, fontsize=7, loc="best")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
 # ----------------------------------------------------------------------------- HTML
 
 _CSS = """
@@ -366,7 +255,7 @@ def _cell_table(section: Section, student: str) -> str:
     matched = [t for t in all_teachers if names & {t.first["teacher"], t.first["student"]}]
     teachers = matched or all_teachers
     cells = [c for c in cells if c.first["role"] != "teacher"]
-    paper = {(p.alpha, p.resolution): p.top1 for p in _paper_points()}
+    paper = {(p.alpha, p.resolution): p.top1 for p in paper_points()}
     paper = paper if section.paper_comparable else {}
     head = ["role", "method", "α", "resolution", "T", "kd_weight", f"{section.metric} mean ± std",
             "seeds", "Δ vs teacher", "Δ vs scratch", "mult-adds", "params", "img/s"]  # fmt: skip
@@ -474,7 +363,7 @@ def _section_html(section: Section, index: int, out: Path) -> str:
         f'<p class="verdict">{_verdict(section)}</p><div class="plots">',
     ]
     for x_field, label in (("mult_adds", "mult-adds"), ("params", "parameters")):
-        png = _plot(section, x_field, label)
+        png = plot(section, x_field, label)
         name = f"{out.stem}-{sid}-{x_field}.png"
         (out.parent / name).write_bytes(png)
         data = base64.b64encode(png).decode("ascii")

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
-from distill.constants import TASK_KINDS
+from distill.constants import TASK_KINDS, TaskKind
 
 T = TypeVar("T")
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
 OnNonFinite = Literal["raise", "skip"]
 ReportTo = Literal["none", "wandb"]
-Task = Literal["auto", "logits", "multilabel", "embedding"]
+Task = Literal["auto"] | TaskKind  # auto: the teacher's kind, else logits
 
 
 class ConfigError(ValueError):
@@ -37,6 +37,11 @@ class ConfigError(ValueError):
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is typing.Literal:
         return "one of " + ", ".join(str(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if all(get_origin(a) is typing.Literal for a in args):
+            return "one of " + ", ".join(str(v) for a in args for v in get_args(a))
+        return " or ".join(_type_name(a) for a in args)
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -224,3 +229,19 @@ class DistillerConfig:
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             p.append(f"max_grad_norm must be > 0 or unset, got {self.max_grad_norm}")
         return p
+
+
+def make_accelerator(config: DistillerConfig) -> Any:
+    """The Accelerator the Distiller makes for itself: seedable sampler (exact resume),
+    scheduler stepped by the loop, W&B when report_to="wandb". Recipes call it too."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    cfg = config
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        log_with="wandb" if cfg.report_to == "wandb" else None,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        step_scheduler_with_optimizer=False,
+    )

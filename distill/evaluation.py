@@ -22,6 +22,8 @@ from torch import Tensor
 
 from distill import metrics as M
 from distill.data.skipping import SkipLog, take_skipped
+from distill.step import channels_last as to_channels_last
+from distill.teacher import extract_output
 from distill.types import TASK_KINDS, Batch, split_batch, to_device
 
 __all__ = [
@@ -33,6 +35,8 @@ __all__ = [
     "evaluate_loader",
     "make_evaluator",
     "register_evaluator",
+    "student_net",
+    "teacher_net",
 ]
 
 # net(student_input, teacher_input_or_None) -> output tensor
@@ -169,6 +173,26 @@ class EmbeddingEvaluator(Evaluator):
             "verification_acc": M.verification_accuracy(d, same, folds),
             "tar_at_far_1e-4": M.tar_at_far(d, same, 1e-4),
         }
+
+
+def teacher_net(teacher: Any) -> Net:
+    """A `distill.Teacher` as a Net: it takes its own view of the batch when there is one."""
+
+    def net(x: Any, prepared: Any) -> Tensor:
+        if prepared is not None:
+            return teacher(prepared, prepared=True).output
+        return teacher(x).output
+
+    return net
+
+
+def student_net(student: Any, *, channels_last: bool = False) -> Net:
+    """A student (any module returning one tensor, or an object with .logits) as a Net."""
+
+    def net(x: Any, _teacher_view: Any) -> Tensor:
+        return extract_output(student(to_channels_last(x) if channels_last else x))
+
+    return net
 
 
 def evaluate_loader(

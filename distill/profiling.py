@@ -7,6 +7,7 @@ BatchNorm, activations and pooling, as the MobileNet paper does.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["Profile", "profile"]
+__all__ = ["Profile", "profile", "student_cost"]
 
 
 @dataclass(frozen=True)
@@ -167,3 +168,17 @@ def _time(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> float
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def student_cost(student: nn.Module, input_shape: Sequence[int] | None) -> dict[str, int | None]:
+    """{"mult_adds", "params"} of `student` on one (C, H, W) input, for a run's record; None
+    where they cannot be measured (no image input; a model FlopCounterMode cannot run). A
+    finished run never fails over it: the problem is logged."""
+    if input_shape is None or len(input_shape) != 3:
+        return {"mult_adds": None, "params": None}
+    try:
+        prof = profile(student, tuple(input_shape))
+        return {"mult_adds": int(prof.mult_adds), "params": int(prof.params)}
+    except Exception as e:  # profiling is informative
+        logging.getLogger(__name__).warning("could not profile the student: %s", e)
+        return {"mult_adds": None, "params": sum(p.numel() for p in student.parameters())}

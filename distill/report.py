@@ -78,6 +78,95 @@ def runs_table_columns(metric: str = "top1") -> list[str]:
     )
 
 
+def _scatter(wr: Any, title: str, x: str, y: str, at: tuple[int, int]) -> Any:
+    return wr.ScatterPlot(
+        title=title,
+        x=wr.SummaryMetric(x),
+        y=wr.SummaryMetric(y),
+        log_x=True,
+        layout=wr.Layout(x=at[0], y=at[1], w=12, h=8),
+    )
+
+
+def _tradeoff_panels(wr: Any, entity: str, project: str, group: str | None, metric: str) -> Any:
+    """Accuracy and gap to teacher against mult-adds and parameters (log x), one run set a role."""
+    y = EVAL_PREFIX + metric
+    return wr.PanelGrid(
+        runsets=[_runset(entity, project, role, group, role) for role in ROLES],
+        panels=[
+            _scatter(wr, f"{metric} vs mult-adds (log)", SUMMARY_MULT_ADDS, y, (0, 0)),
+            _scatter(wr, f"{metric} vs parameters (log)", SUMMARY_PARAMS, y, (12, 0)),
+            _scatter(
+                wr,
+                f"gap to teacher ({metric}) vs mult-adds (log)",
+                SUMMARY_MULT_ADDS,
+                GAP_PREFIX + metric,
+                (0, 8),
+            ),
+        ],
+    )
+
+
+def _hyper_panels(wr: Any, entity: str, project: str, group: str | None, metric: str) -> Any:
+    """Parallel coordinates: width, resolution, temperature, KD weight -> the metric."""
+    columns = [wr.ParallelCoordinatesPlotColumn(metric=wr.Config(h)) for h in HYPERPARAMETERS]
+    columns.append(wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(EVAL_PREFIX + metric)))
+    return wr.PanelGrid(
+        runsets=[_runset(entity, project, "all runs", group)],
+        panels=[
+            wr.ParallelCoordinatesPlot(
+                title=f"alpha, resolution, T, kd_weight -> {metric}",
+                columns=columns,
+                layout=wr.Layout(x=0, y=0, w=24, h=9),
+            )
+        ],
+    )
+
+
+def _curve(wr: Any, title: str, y: str, x: int, log_y: bool = False) -> Any:
+    return wr.LinePlot(
+        title=title,
+        x="Step",
+        y=[y],
+        groupby=wr.Config("method"),
+        groupby_aggfunc="mean",
+        groupby_rangefunc="stddev",
+        log_y=log_y,
+        layout=wr.Layout(x=x, y=0, w=12, h=8),
+    )
+
+
+def _curve_panels(wr: Any, entity: str, project: str, group: str | None, metric: str) -> Any:
+    """Learning curves grouped by method, mean ± std over seeds."""
+    return wr.PanelGrid(
+        runsets=[_runset(entity, project, "all runs", group)],
+        panels=[
+            _curve(wr, f"eval {metric} by method (mean ± std over seeds)", EVAL_PREFIX + metric, 0),
+            _curve(
+                wr,
+                "training loss by method (mean ± std over seeds)",
+                TRAIN_PREFIX + "loss",
+                12,
+                log_y=True,
+            ),
+        ],
+    )
+
+
+def _runs_table(wr: Any, entity: str, project: str, group: str | None, metric: str) -> Any:
+    columns = runs_table_columns(metric)
+    table_set = wr.Runset(
+        entity=entity,
+        project=project,
+        name="runs",
+        filters=_filters(group),
+        pinned_columns=columns[:1],
+        visible_columns=columns[1:],
+        column_order=columns,
+    )
+    return wr.PanelGrid(runsets=[table_set], panels=[])
+
+
 def build_report(
     entity: str,
     project: str,
@@ -101,7 +190,6 @@ def build_report(
     title = title or f"Distillation: {group or project}"
     if len(title) > MAX_TITLE:
         raise ValueError(f"report title is {len(title)} characters; W&B allows {MAX_TITLE}.")
-    y = EVAL_PREFIX + metric
     scope = f"group `{group}`" if group else "all runs"
     intro = (
         f"Runs of `{entity}/{project}` ({scope}). Which student, at what width (alpha) and "
@@ -109,85 +197,7 @@ def build_report(
         f"parameters follows Figure 11 of {CITATION}. Roles are W&B job types: "
         "teacher, scratch (the student trained on labels alone), distilled."
     )
-
-    role_sets = [_runset(entity, project, role, group, role) for role in ROLES]
-    tradeoff = wr.PanelGrid(
-        runsets=role_sets,
-        panels=[
-            wr.ScatterPlot(
-                title=f"{metric} vs mult-adds (log)",
-                x=wr.SummaryMetric(SUMMARY_MULT_ADDS),
-                y=wr.SummaryMetric(y),
-                log_x=True,
-                layout=wr.Layout(x=0, y=0, w=12, h=8),
-            ),
-            wr.ScatterPlot(
-                title=f"{metric} vs parameters (log)",
-                x=wr.SummaryMetric(SUMMARY_PARAMS),
-                y=wr.SummaryMetric(y),
-                log_x=True,
-                layout=wr.Layout(x=12, y=0, w=12, h=8),
-            ),
-            wr.ScatterPlot(
-                title=f"gap to teacher ({metric}) vs mult-adds (log)",
-                x=wr.SummaryMetric(SUMMARY_MULT_ADDS),
-                y=wr.SummaryMetric(GAP_PREFIX + metric),
-                log_x=True,
-                layout=wr.Layout(x=0, y=8, w=12, h=8),
-            ),
-        ],
-    )
-    hyper = wr.PanelGrid(
-        runsets=[_runset(entity, project, "all runs", group)],
-        panels=[
-            wr.ParallelCoordinatesPlot(
-                title=f"alpha, resolution, T, kd_weight -> {metric}",
-                columns=[
-                    *(
-                        wr.ParallelCoordinatesPlotColumn(metric=wr.Config(h))
-                        for h in HYPERPARAMETERS
-                    ),
-                    wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(y)),
-                ],
-                layout=wr.Layout(x=0, y=0, w=24, h=9),
-            )
-        ],
-    )
-    curves = wr.PanelGrid(
-        runsets=[_runset(entity, project, "all runs", group)],
-        panels=[
-            wr.LinePlot(
-                title=f"eval {metric} by method (mean ± std over seeds)",
-                x="Step",
-                y=[y],
-                groupby=wr.Config("method"),
-                groupby_aggfunc="mean",
-                groupby_rangefunc="stddev",
-                layout=wr.Layout(x=0, y=0, w=12, h=8),
-            ),
-            wr.LinePlot(
-                title="training loss by method (mean ± std over seeds)",
-                x="Step",
-                y=[TRAIN_PREFIX + "loss"],
-                groupby=wr.Config("method"),
-                groupby_aggfunc="mean",
-                groupby_rangefunc="stddev",
-                log_y=True,
-                layout=wr.Layout(x=12, y=0, w=12, h=8),
-            ),
-        ],
-    )
-    columns = runs_table_columns(metric)
-    table_set = wr.Runset(
-        entity=entity,
-        project=project,
-        name="runs",
-        filters=_filters(group),
-        pinned_columns=columns[:1],
-        visible_columns=columns[1:],
-        column_order=columns,
-    )
-    runs = wr.PanelGrid(runsets=[table_set], panels=[])
+    where = (wr, entity, project, group, metric)
     return wr.Report(
         entity=entity,
         project=project,
@@ -197,13 +207,13 @@ def build_report(
         blocks=[
             wr.MarkdownBlock(text=intro),
             wr.H2(text="Accuracy vs cost"),
-            tradeoff,
+            _tradeoff_panels(*where),
             wr.H2(text="Hyper-parameters"),
-            hyper,
+            _hyper_panels(*where),
             wr.H2(text="Learning curves"),
-            curves,
+            _curve_panels(*where),
             wr.H2(text="Runs"),
-            runs,
+            _runs_table(*where),
         ],
     )
 

@@ -37,6 +37,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "MetricsFileError",
     "RunRecord",
+    "build_record",
     "metrics_record",
     "read_metrics_json",
     "validate_metrics",
@@ -253,3 +254,54 @@ def read_metrics_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise MetricsFileError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from e
     return validate_metrics(data, source=str(p))
+
+
+# run_info keys that are RunRecord fields (the rest is written as info_<key>)
+DESCRIBED = (
+    "experiment", "role", "method", "dataset", "student", "teacher",
+    "alpha", "resolution", "temperature", "kd_weight",
+)  # fmt: skip
+
+
+def build_record(
+    config: Any,
+    *,
+    final: dict[str, float],
+    teacher_metrics: dict[str, float] | None,
+    task: str,
+    defaults: dict[str, Any],
+    cost: dict[str, int | None],
+    timer: Any,
+    progress: dict[str, Any],
+    accelerator: Any,
+) -> RunRecord:
+    """The record of a Distiller run: what it is (`config.run_info`, else `defaults`), what it
+    scored (`final`, the task's primary metric), cost (`cost`, `timer`: distill.timing) and did
+    (`progress`)."""
+    from distill.evaluation import EVALUATORS
+    from distill.timing import device_name, peak_memory
+
+    info = dict(config.run_info)
+    info.pop("evaluate_teacher", None)
+    described = {**defaults, **{k: info.pop(k) for k in DESCRIBED if k in info}}
+    evaluator = EVALUATORS[task]
+    peak, peak_kind = peak_memory(accelerator.device)
+    return RunRecord(
+        run_name=config.run_name or Path(config.output_dir).name,
+        seed=config.seed,
+        metrics=final,
+        primary_metric=evaluator.primary,
+        higher_is_better=evaluator.higher_is_better,
+        teacher_metrics=teacher_metrics,
+        **described,
+        mult_adds=cost["mult_adds"],
+        params=cost["params"],
+        **timer.record_fields(),
+        peak_mem_bytes=peak,
+        peak_mem_kind=peak_kind,
+        **progress,
+        num_processes=accelerator.num_processes,
+        mixed_precision=str(accelerator.mixed_precision),
+        device=device_name(accelerator.device),
+        info=info,
+    )

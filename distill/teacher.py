@@ -19,7 +19,16 @@ from distill.types import IMAGENET_MEAN, IMAGENET_STD, TASK_KINDS, Outputs, Task
 
 OutputKind = TaskKind  # what the teacher outputs is the task kind its student is evaluated on
 OUTPUT_KINDS = TASK_KINDS
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "OUTPUT_KINDS", "FeatureHooks", "OutputKind", "Teacher"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "OUTPUT_KINDS",
+    "FeatureHooks",
+    "OutputKind",
+    "Teacher",
+    "as_teacher",
+    "check_teacher_outputs",
+]
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -267,6 +276,20 @@ class Teacher(nn.Module):
         return (
             f"name={self.name!r}, input_size={self.input_size}, output={self.output_kind!r}, "
             f"features={self.features}"
+        )
+
+
+def check_teacher_outputs(
+    teacher: Teacher, expected: int, what: str, unit: str = "classes"
+) -> None:
+    """The teacher must produce one output per class/attribute of the dataset (`what`)."""
+    n = teacher.num_outputs
+    if n is not None and n != expected:
+        raise ValueError(
+            f"the teacher {teacher.name} has {n} outputs but {what} has {expected} {unit}: the "
+            "teacher must have been trained on this label set. Point --teacher at such a "
+            f"checkpoint, or add num_classes={expected} to the teacher options to replace its "
+            "head (which re-initialises it: fine-tune it first)"
         )
 
 

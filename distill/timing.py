@@ -77,6 +77,16 @@ class Throughput:
             return self.images / seconds
         return self.first_images / self.first_s if self.first_s > 0 else 0.0
 
+    def record_fields(self) -> dict[str, float]:
+        """The run record's timing fields (distill.run_record)."""
+        return {
+            "images_per_s": self.images_per_s(),
+            "wall_s": time.perf_counter() - self.begin,
+            "train_s": self.train_seconds(),
+            "eval_s": self.totals["eval"],
+            "checkpoint_s": self.totals["checkpoint"],
+        }
+
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
     """(bytes, kind): CUDA's max allocated on a GPU, the process's max RSS on a CPU."""

@@ -21,6 +21,7 @@ History keys: `train/<part>` (loss parts), `train/lr`, `eval/<metric>`. Summary 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -47,10 +48,13 @@ __all__ = [
     "MetricsFileError",
     "RunInfo",
     "RunRecord",
+    "log_run_summary",
     "log_summary",
+    "loggable_config",
     "metrics_record",
     "read_metrics_json",
     "read_wandb_run",
+    "start_trackers",
     "summary_fields",
     "validate_metrics",
     "write_metrics_json",
@@ -218,3 +222,59 @@ def log_summary(accelerator: Any, values: Mapping[str, Any]) -> None:
             tracker.tracker.summary.update(dict(values))
         else:
             tracker.log(dict(values))
+
+
+def start_trackers(accelerator: Any, config: Any, logged: Mapping[str, Any]) -> None:
+    """Start accelerate's trackers for a `DistillerConfig` (once per accelerator): the W&B run
+    gets `config.tracker_init_kwargs` (group, job type, tags), the run name and `WANDB_DIR`."""
+    if not accelerator.log_with or getattr(accelerator, "trackers", None):
+        return
+    wandb_kwargs = dict(config.tracker_init_kwargs)
+    if config.run_name:
+        wandb_kwargs.setdefault("name", config.run_name)
+    if os.environ.get("WANDB_DIR"):
+        # wandb keeps process-wide settings from its first run; honour the current folder
+        wandb_kwargs.setdefault("dir", os.environ["WANDB_DIR"])
+    init_kwargs = {"wandb": wandb_kwargs} if wandb_kwargs else {}
+    accelerator.init_trackers(config.project, config=dict(logged), init_kwargs=init_kwargs)
+
+
+def log_run_summary(accelerator: Any, record: Mapping[str, Any]) -> None:
+    """The run record's numbers and strings, plus `summary_fields`, into the trackers' summary."""
+    flat = {
+        k: v
+        for k, v in record.items()
+        if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+    }
+    flat.update(
+        summary_fields(
+            record.get("metrics") or {},
+            mult_adds=int(record.get("mult_adds") or 0),
+            params=int(record.get("params") or 0),
+            images_per_s=record.get("images_per_s"),
+            peak_mem_bytes=record.get("peak_mem_bytes"),
+            teacher_metrics=record.get("teacher_metrics"),
+        )
+    )
+    log_summary(accelerator, flat)
+
+
+def loggable_config(
+    config: Any, teacher_meta: Mapping[str, Any] | None, objective: str
+) -> dict[str, Any]:
+    """The tracker config and config.json of a Distiller run: run_info's fields at the top, the
+    DistillerConfig under "distiller", the teacher's metadata (without label names), the
+    objective's class name."""
+    cfg = asdict(config)
+    info = cfg.pop("run_info")
+    cfg.pop("tracker_init_kwargs")
+    teacher = None
+    if teacher_meta is not None:
+        teacher = {k: v for k, v in teacher_meta.items() if k != "label_names"}
+    return {
+        **info,
+        "seed": config.seed,
+        "distiller": cfg,
+        "teacher_meta": teacher,
+        "objective": objective,
+    }

@@ -17,18 +17,28 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-from distill.config import ConfigError, from_dict, load_yaml
+from distill.config import (
+    ConfigError,
+    DistillerConfig,
+    MixedPrecision,
+    OnNonFinite,
+    ReportTo,
+    from_dict,
+    load_yaml,
+)
 
 C = TypeVar("C", bound="RecipeConfig")
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
-REPORT_TO = ("none", "wandb")
-GPU_PIPELINE = ("auto", "on", "off")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("step", "cosine", "constant")
+GpuPipeline = Literal["auto", "on", "off"]
+Optimizer = Literal["sgd", "adamw"]  # distill.schedules.OptimizerName
+Schedule = Literal["step", "cosine", "constant"]  # distill.schedules.ScheduleName
 _NONE_WORDS = {"none", "null", "~"}
+
+
+class RecipeError(ValueError):
+    """A problem with the user's data, weights or settings; its message says what to change."""
 
 
 @dataclass
@@ -49,19 +59,19 @@ class RecipeConfig:
     eval_batch_size: int | None = None  # global; default: batch_size
     grad_accum_steps: int = 1
     # optimisation
-    optimizer: str = "sgd"
+    optimizer: Optimizer = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = False
-    schedule: str = "step"
+    schedule: Schedule = "step"
     lr_steps: list[int] = field(default_factory=list)  # epochs at which lr *= lr_gamma
     lr_gamma: float = 0.1
     warmup_epochs: float = 0.0
     max_grad_norm: float | None = None
     label_smoothing: float = 0.0
     # the run
-    mixed_precision: str = "no"
+    mixed_precision: MixedPrecision = "no"
     save_every: int | None = None  # steps between checkpoints (also saved at each epoch end)
     eval_every: int | None = None  # steps between evaluations (also at each epoch end)
     log_every: int = 50
@@ -71,11 +81,11 @@ class RecipeConfig:
     seed: int = 0
     workers: int = 8  # DataLoader worker processes per training process
     strict_data: bool = False  # stop at the first unreadable image instead of skipping it
-    gpu_pipeline: str = "auto"  # decode + augment JPEGs on the GPU (image folders only)
+    gpu_pipeline: GpuPipeline = "auto"  # decode + augment JPEGs on the GPU (image folders only)
     channels_last: bool = False
     compile: bool = False
-    on_nonfinite: str = "raise"
-    report_to: str = "none"
+    on_nonfinite: OnNonFinite = "raise"
+    report_to: ReportTo = "none"
     project: str = "mobiledistill"
     experiment: str = "recipe"  # W&B group, metrics.json "experiment"
     run_name: str | None = None  # default: derived from role/method/student/alpha/...
@@ -108,14 +118,9 @@ class RecipeConfig:
             if v is None or v < lo:
                 p.append(f"{name} must be >= {lo:g}{' or unset' if optional else ''}, got {v}")
 
-        at_least("epochs", 1)
-        at_least("max_steps", 1, optional=True)
+        p += self.distiller_config().problems()  # epochs, steps, saving, logging, precision
         at_least("batch_size", 1)
         at_least("eval_batch_size", 1, optional=True)
-        at_least("grad_accum_steps", 1)
-        at_least("save_every", 1, optional=True)
-        at_least("eval_every", 1, optional=True)
-        at_least("log_every", 1)
         at_least("workers", 0)
         at_least("limit_train", 1, optional=True)
         at_least("limit_eval", 1, optional=True)
@@ -128,21 +133,10 @@ class RecipeConfig:
             p.append(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
         if any(s < 1 for s in self.lr_steps) or self.lr_steps != sorted(self.lr_steps):
             p.append(f"lr_steps must be increasing epochs >= 1, got {self.lr_steps}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            p.append(f"max_grad_norm must be > 0 or unset, got {self.max_grad_norm}")
         if not 0 <= self.label_smoothing < 1:
             p.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        for name, allowed in (
-            ("mixed_precision", MIXED_PRECISION),
-            ("report_to", REPORT_TO),
-            ("gpu_pipeline", GPU_PIPELINE),
-            ("optimizer", OPTIMIZERS),
-            ("schedule", SCHEDULES),
-            ("on_nonfinite", ("raise", "skip")),
-            ("method", self.METHODS),
-        ):
-            if getattr(self, name) not in allowed:
-                p.append(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.method not in self.METHODS:
+            p.append(f"method must be one of {', '.join(self.METHODS)}; got {self.method!r}")
         if not self.alpha > 0 or self.alpha > 4:
             p.append(f"alpha (width multiplier) must be in (0, 4], got {self.alpha}")
         if self.resolution < 32:
@@ -166,6 +160,33 @@ class RecipeConfig:
     def resolved(self) -> dict[str, Any]:
         """The config as plain values, for printing, logging and config.json."""
         return dataclasses.asdict(self)
+
+    def distiller_config(self, **run: Any) -> DistillerConfig:
+        """The one mapping of the recipe's settings onto the Distiller's (the same Literal types
+        on both sides); `run` sets what only the built run knows (task, run_name, run_info,
+        tracker_init_kwargs, cached_teacher)."""
+        return DistillerConfig(
+            output_dir=self.output_dir,
+            epochs=self.epochs,
+            max_steps=self.max_steps,
+            grad_accum_steps=self.grad_accum_steps,
+            mixed_precision=self.mixed_precision,
+            log_every=self.log_every,
+            save_every=self.save_every,
+            keep_checkpoints=self.keep_checkpoints,
+            eval_every=self.eval_every,
+            resume=self.resume,
+            channels_last=self.channels_last,
+            compile=self.compile,
+            seed=self.seed,
+            max_grad_norm=self.max_grad_norm,
+            on_nonfinite=self.on_nonfinite,
+            report_to=self.report_to,
+            project=self.project,
+            run_name=self.run_name,
+            progress=self.progress,
+            **run,
+        )
 
 
 @dataclass

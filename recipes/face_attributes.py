@@ -19,13 +19,23 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes._config import RecipeConfig
-from recipes._run import Context, Parts, RecipeError, run_recipe, user_errors
+from recipes._run import (
+    Built,
+    Context,
+    RecipeError,
+    build_student,
+    check_outputs,
+    describe,
+    load_teacher,
+    run_recipe,
+    user_errors,
+)
 
 NUM_ATTRIBUTES = 40
 
@@ -69,9 +79,8 @@ class FaceAttributesConfig(RecipeConfig):
 
 def _sets(cfg: FaceAttributesConfig, labels: bool) -> tuple[Any, Any, str]:
     """(train, eval, name); train has no targets when `labels` is False."""
-    from distill.data import CelebAFaces, DataLayoutError, hf_image_dataset
+    from distill.data import CelebAFaces, DataLayoutError, hf_image_dataset, hf_source
     from distill.data.faces import CELEBA_LAYOUT
-    from recipes._data import hf_source
 
     if cfg.dataset:
         with user_errors(f"loading --dataset {cfg.dataset}"):
@@ -104,77 +113,89 @@ def _sets(cfg: FaceAttributesConfig, labels: bool) -> tuple[Any, Any, str]:
     return train, val, "celeba"
 
 
-def build(cfg: FaceAttributesConfig, ctx: Context) -> Parts:
+# aligned faces: the whole image, a mild random crop, near-square
+_FACE_CROP: dict[str, Any] = {"crop_pct": 1.0, "ratio": (0.9, 1.1)}
+
+
+def _teacher_stage(cfg: FaceAttributesConfig, train_set: Any, eval_set: Any) -> tuple[Any, ...]:
+    """The model being trained is the teacher: a pretrained backbone with a fresh 40-way head,
+    at its own resolution and normalisation."""
+    from distill.data.transforms import paired_views
+
+    t = load_teacher(cfg, num_classes=NUM_ATTRIBUTES, output="multilabel")
+    model = t.model.requires_grad_(True).train()
+    size = t.input_size[0] if t.input_size else cfg.resolution
+    tf = {**_FACE_CROP, "scale": tuple(cfg.crop_scale), "model_mean": t.mean, "model_std": t.std}
+    train_set.transform = paired_views(None, size, train=True, **tf)
+    eval_set.transform = paired_views(None, size, train=False, **tf)
+    return model, None, t.name, size
+
+
+def _distill_stage(
+    cfg: FaceAttributesConfig, train_set: Any, eval_set: Any, dataset_name: str
+) -> tuple[Any, ...]:
+    """A MobileNet student, and the teacher when the method distils from one."""
     from torch.utils.data import ConcatDataset
 
     from distill.data import identity_folder
+    from distill.data.transforms import paired_views
+
+    teacher = None
+    if cfg.method == "multilabel_kd":
+        teacher = load_teacher(cfg, output="multilabel")
+        check_outputs(teacher, NUM_ATTRIBUTES, dataset_name, "attributes")
+    tf = {**_FACE_CROP, "scale": tuple(cfg.crop_scale)}
+    train_set.transform = paired_views(teacher, cfg.resolution, train=True, **tf)
+    eval_set.transform = paired_views(teacher, cfg.resolution, train=False, **tf)
+    if cfg.unlabeled_dir:
+        extra = identity_folder(cfg.unlabeled_dir, labels=False)
+        extra.transform = train_set.transform
+        train_set = ConcatDataset([train_set, extra])
+    student = build_student(cfg, NUM_ATTRIBUTES)
+    return student, teacher, train_set
+
+
+def build(cfg: FaceAttributesConfig, ctx: Context) -> Built:
     from distill.losses import MultiLabelBCE, MultiLabelKDLoss
-    from recipes._data import limit, make_loader, robust, views
-    from recipes._run import build_student, check_outputs, load_teacher
 
     teacher_stage = cfg.stage == "teacher"
     labels = teacher_stage or cfg.method == "multilabel_bce" or cfg.kd_weight < 1
     train_set, eval_set, dataset_name = _sets(cfg, labels)
-    scale = (cfg.crop_scale[0], cfg.crop_scale[1])
-    tf: dict[str, Any] = {"crop_pct": 1.0, "scale": scale, "ratio": (0.9, 1.1)}
     bce = MultiLabelBCE(missing_label=cfg.missing_label)
+    objective: Any = bce
     if teacher_stage:
-        # The model being trained is the teacher: a pretrained backbone with a fresh 40-way head.
-        t = load_teacher(cfg, num_classes=NUM_ATTRIBUTES, output="multilabel")
-        model = t.model.requires_grad_(True).train()
-        mean, std = t.mean, t.std
-        size = t.input_size[0] if t.input_size else cfg.resolution
-        train_set.transform = views(None, size, train=True, model_mean=mean, model_std=std, **tf)
-        eval_set.transform = views(None, size, train=False, model_mean=mean, model_std=std, **tf)
-        student, teacher, objective = model, None, cast(Any, bce)
-        role, student_name, alpha, resolution = "teacher", t.name, None, size
+        student, teacher, model_name, resolution = _teacher_stage(cfg, train_set, eval_set)
+        fields: dict[str, Any] = {"role": "teacher", "method": "multilabel_bce"}
+        fields.update(student=model_name, resolution=resolution)
     else:
-        teacher = None
-        if cfg.method == "multilabel_kd":
-            teacher = load_teacher(cfg, output="multilabel")
-            check_outputs(teacher, NUM_ATTRIBUTES, dataset_name, "attributes")
-        train_set.transform = views(teacher, cfg.resolution, train=True, **tf)
-        eval_set.transform = views(teacher, cfg.resolution, train=False, **tf)
-        if cfg.unlabeled_dir:
-            extra = identity_folder(cfg.unlabeled_dir, labels=False)
-            extra.transform = train_set.transform
-            train_set = ConcatDataset([train_set, extra])
-        student = build_student(
-            cfg.student, alpha=cfg.alpha, resolution=cfg.resolution, num_outputs=NUM_ATTRIBUTES
-        )
-        with user_errors(f"building the {cfg.method} objective"):
-            objective = (
-                MultiLabelKDLoss(
+        student, teacher, train_set = _distill_stage(cfg, train_set, eval_set, dataset_name)
+        distilled = teacher is not None
+        if distilled:
+            with user_errors(f"building the {cfg.method} objective"):
+                objective = MultiLabelKDLoss(
                     temperature=cfg.temperature,
                     alpha=cfg.kd_weight,
                     missing_label=cfg.missing_label,
                 )
-                if teacher is not None
-                else bce
-            )
-        role = "distilled" if teacher is not None else "scratch"
-        student_name, resolution = cfg.student, cfg.resolution
-        alpha = cfg.alpha if ":" not in cfg.student else None
-    rec = ctx.recorder
-    train_data = limit(robust(train_set, rec, strict=cfg.strict_data), cfg.limit_train)
-    eval_data = limit(robust(eval_set, rec, strict=cfg.strict_data), cfg.limit_eval)
-    return Parts(
+        fields = {
+            "role": "distilled" if distilled else "scratch",
+            "method": cfg.method,
+            "student": cfg.student,
+            "teacher": teacher.name if teacher is not None else None,
+            "alpha": cfg.alpha if ":" not in cfg.student else None,
+            "resolution": cfg.resolution,
+            "temperature": cfg.temperature if distilled else None,
+            "kd_weight": cfg.kd_weight if distilled else None,
+        }
+    train_loader, eval_loader = ctx.loaders(train_set, eval_set)
+    return Built(
         student=student,
         teacher=teacher,
         objective=objective,
-        train_loader=make_loader(
-            train_data, ctx.per_process_batch, train=True, workers=cfg.workers, seed=cfg.seed
-        ),
-        eval_loader=make_loader(
-            eval_data, ctx.per_process_eval_batch, train=False, workers=cfg.workers, seed=cfg.seed
-        ),
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        info=describe(cfg, dataset=dataset_name, **fields),
         task="multilabel",
-        role=role,
-        dataset_name=dataset_name,
-        student_name=student_name,
-        alpha=alpha,
-        resolution=resolution,
-        method="multilabel_bce" if teacher_stage else cfg.method,
         notes={"stage": cfg.stage},
     )
 

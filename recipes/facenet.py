@@ -16,15 +16,24 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes._config import RecipeConfig
-from recipes._run import Context, Parts, RecipeError, run_recipe, user_errors
+from recipes._run import (
+    Built,
+    Context,
+    RecipeError,
+    build_student,
+    describe,
+    load_teacher,
+    run_recipe,
+    user_errors,
+)
 
-EMBEDDING_LOSSES = ("mse", "cosine", "rkd")
+EmbeddingLoss = Literal["mse", "cosine", "rkd"]  # distill.losses.embedding.Kind
 
 
 @dataclass
@@ -38,7 +47,7 @@ class FaceNetConfig(RecipeConfig):
     lfw_split: str = "10fold"  # "10fold" (pairs.txt), or "test"/"train" (pairsDevTest/Train.txt)
     labels: bool = False  # True: one folder per identity is required (labels are not used)
     embedding_dim: int = 512
-    embedding_loss: str = "mse"  # squared difference, as in the paper
+    embedding_loss: EmbeddingLoss = "mse"  # squared difference, as in the paper
     normalize: bool = True  # compare L2-normalised embeddings (FaceNet's are normalised)
     crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])
 
@@ -53,8 +62,6 @@ class FaceNetConfig(RecipeConfig):
             p.append(f"lfw_split must be 10fold, train or test, got {self.lfw_split!r}")
         if self.embedding_dim < 1:
             p.append(f"embedding_dim must be >= 1, got {self.embedding_dim}")
-        if self.embedding_loss not in EMBEDDING_LOSSES:
-            p.append(f"embedding_loss must be one of {', '.join(EMBEDDING_LOSSES)}")
         if not self.teacher:
             p.append("a teacher spec is needed (--teacher)")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -62,28 +69,35 @@ class FaceNetConfig(RecipeConfig):
         return p
 
 
-def build(cfg: FaceNetConfig, ctx: Context) -> Parts:
-    from distill.data import LFWPairsDataset, hf_image_dataset, identity_folder
-    from distill.losses import EmbeddingDistillLoss
-    from recipes._data import hf_source, limit, make_loader, robust, views
-    from recipes._run import build_student, load_teacher
+def _train_set(cfg: FaceNetConfig) -> tuple[Any, str]:
+    """Aligned face crops (identity folders or any images), or a --dataset source."""
+    from distill.data import hf_image_dataset, hf_source, identity_folder
 
-    # data first: layout errors before any weights are read
-    if cfg.dataset:
-        with user_errors(f"loading --dataset {cfg.dataset}"):
-            train_set = hf_image_dataset(
-                cfg.dataset,
-                split=cfg.train_split,
-                **hf_source(cfg.dataset, cfg.data_dir, cfg.train_split),
-                streaming=cfg.streaming,
-                label_column=None,
-                strict=cfg.strict_data,
-            )
-        dataset_name = str(cfg.dataset)
-    else:
-        train_set = identity_folder(cfg.data_dir or "", labels=cfg.labels)
-        dataset_name = "faces:" + Path(cfg.data_dir or "").name
+    if not cfg.dataset:
+        return identity_folder(cfg.data_dir or "", labels=cfg.labels), "faces:" + Path(
+            cfg.data_dir or ""
+        ).name
+    with user_errors(f"loading --dataset {cfg.dataset}"):
+        train = hf_image_dataset(
+            cfg.dataset,
+            split=cfg.train_split,
+            **hf_source(cfg.dataset, cfg.data_dir, cfg.train_split),
+            streaming=cfg.streaming,
+            label_column=None,
+            strict=cfg.strict_data,
+        )
+    return train, str(cfg.dataset)
+
+
+def build(cfg: FaceNetConfig, ctx: Context) -> Built:
+    from distill.data import LFWPairsDataset
+    from distill.data.transforms import paired_views
+    from distill.losses import EmbeddingDistillLoss
+
+    # 1. data first: layout errors before any weights are read
+    train_set, dataset_name = _train_set(cfg)
     eval_set = LFWPairsDataset(cfg.lfw_dir or "", split=cfg.lfw_split)
+    # 2. the teacher, which must output embeddings
     teacher = load_teacher(cfg)
     if teacher.output_kind != "embedding":
         raise RecipeError(
@@ -91,41 +105,39 @@ def build(cfg: FaceNetConfig, ctx: Context) -> Parts:
             "embeddings: use a face-embedding teacher (facenet:vggface2), or add output=embedding "
             "to a file: teacher whose head is the embedding layer"
         )
+    # 3. one crop per face, rendered for the student and natively for the teacher
     tf: dict[str, Any] = {"crop_pct": 1.0, "ratio": (0.9, 1.1)}
     scale = (cfg.crop_scale[0], cfg.crop_scale[1])
-    train_set.transform = views(teacher, cfg.resolution, train=True, scale=scale, **tf)
-    eval_set.transform = views(teacher, cfg.resolution, train=False, **tf)
-    student = build_student(
-        cfg.student, alpha=cfg.alpha, resolution=cfg.resolution, num_outputs=cfg.embedding_dim
-    )
+    train_set.transform = paired_views(teacher, cfg.resolution, train=True, scale=scale, **tf)
+    eval_set.transform = paired_views(teacher, cfg.resolution, train=False, **tf)
+    # 4. student and objective
+    student = build_student(cfg, cfg.embedding_dim)
     with user_errors("building the embedding objective"):
         objective = EmbeddingDistillLoss(
             cfg.embedding_dim,
             _embedding_dim(teacher, cfg.resolution),
-            cfg.embedding_loss,  # type: ignore[arg-type]
+            cfg.embedding_loss,
             normalize=cfg.normalize,
         )
-    rec = ctx.recorder
-    train_data = limit(robust(train_set, rec, strict=cfg.strict_data), cfg.limit_train)
-    eval_data = limit(robust(eval_set, rec, strict=cfg.strict_data), cfg.limit_eval)
-    return Parts(
+    train_loader, eval_loader = ctx.loaders(train_set, eval_set)
+    info = describe(
+        cfg,
+        role="distilled",
+        method=cfg.method,
+        student=cfg.student,
+        dataset=dataset_name,
+        teacher=teacher.name,
+        alpha=cfg.alpha if ":" not in cfg.student else None,
+        resolution=cfg.resolution,
+    )
+    return Built(
         student=student,
         teacher=teacher,
         objective=objective,
-        train_loader=make_loader(
-            train_data, ctx.per_process_batch, train=True, workers=cfg.workers, seed=cfg.seed
-        ),
-        eval_loader=make_loader(
-            eval_data, ctx.per_process_eval_batch, train=False, workers=cfg.workers, seed=cfg.seed
-        ),
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        info=info,
         task="embedding",
-        role="distilled",
-        uses_temperature=False,
-        uses_kd_weight=False,
-        dataset_name=dataset_name,
-        student_name=cfg.student,
-        alpha=cfg.alpha if ":" not in cfg.student else None,
-        resolution=cfg.resolution,
         notes={"eval_dataset": f"lfw:{cfg.lfw_split}", "embedding_dim": cfg.embedding_dim},
     )
 

@@ -24,8 +24,19 @@ from typing import Any, ClassVar
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from recipes import _cache
 from recipes._config import CacheableRecipeConfig
-from recipes._run import Context, Parts, RecipeError, run_recipe, user_errors
+from recipes._run import (
+    Built,
+    Context,
+    RecipeError,
+    build_student,
+    check_outputs,
+    describe,
+    load_teacher,
+    run_recipe,
+    user_errors,
+)
 
 
 @dataclass
@@ -90,8 +101,7 @@ def _torchvision_sets(cfg: ImageNetConfig) -> tuple[Any, Any, str]:
 
 
 def _hf_sets(cfg: ImageNetConfig, num_classes: int | None) -> tuple[Any, Any, str]:
-    from distill.data import hf_image_dataset
-    from recipes._data import hf_source
+    from distill.data import hf_image_dataset, hf_source
 
     def load(split: str, train: bool) -> Any:
         return hf_image_dataset(
@@ -107,19 +117,72 @@ def _hf_sets(cfg: ImageNetConfig, num_classes: int | None) -> tuple[Any, Any, st
     return load(cfg.train_split, True), load(cfg.eval_split, False), str(cfg.dataset)
 
 
-def build(cfg: ImageNetConfig, ctx: Context) -> Parts:
-    from distill.data.gpu_pipeline import GpuBatchTransform
+def _classes(cfg: ImageNetConfig, train_set: Any, name: str, teacher: Any) -> int:
+    """The class count: --num-classes, else the dataset's, else the teacher's."""
+    found = getattr(train_set, "num_classes", None)
+    num_classes = cfg.num_classes or found or (teacher.num_outputs if teacher else None)
+    if num_classes is None:
+        raise RecipeError(
+            f"cannot tell how many classes {name} has (its labels are not a ClassLabel): "
+            "set --num-classes"
+        )
+    if found is not None and found != num_classes:
+        raise RecipeError(f"--num-classes {num_classes} but {name} has {found} classes")
+    if cfg.dataset and cfg.num_classes is None and cfg.data_dir:
+        from distill.data.hf import validate_metadata_csvs
+
+        # the class count came from the teacher: check the labels against it now
+        validate_metadata_csvs(cfg.data_dir, num_classes=num_classes)
+    if teacher is not None:
+        check_outputs(teacher, num_classes, f"the dataset {name}")
+    return int(num_classes)
+
+
+def _objective(cfg: ImageNetConfig) -> Any:
     from distill.losses import CrossEntropy, DKDLoss, KDLoss
-    from recipes._data import (
-        encoded_folder_loader,
-        limit,
-        make_loader,
-        open_recipe_cache,
-        replayable_images,
-        robust,
-        views,
+
+    with user_errors(f"building the {cfg.method} objective"):
+        if cfg.method == "kd":
+            return KDLoss(temperature=cfg.temperature, alpha=cfg.kd_weight)
+        if cfg.method == "dkd":
+            return DKDLoss(
+                alpha=cfg.dkd_alpha,
+                beta=cfg.dkd_beta,
+                temperature=cfg.temperature,
+                ce_weight=cfg.dkd_ce_weight,
+                warmup_epochs=cfg.dkd_warmup_epochs,
+            )
+        return CrossEntropy(label_smoothing=cfg.label_smoothing)
+
+
+def _gpu_loader(cfg: ImageNetConfig, ctx: Context, train_set: Any, device: Any) -> Any:
+    """--gpu-pipeline: the workers read bytes, the batch decodes and crops itself on `device`,
+    rendering the same student and teacher views as the PIL path."""
+    from distill.data.encoded import EncodedImageFolder, encoded_loader
+    from distill.data.gpu_pipeline import GpuBatchTransform
+    from distill.data.loaders import limit, robust
+
+    if cfg.dataset:
+        raise RecipeError("--gpu-pipeline on reads image folders (--data-dir), not --dataset")
+    transform = GpuBatchTransform.from_paired(
+        train_set.transform, device=device, channels_last=cfg.channels_last
     )
-    from recipes._run import build_student, check_outputs, load_teacher
+    folder = EncodedImageFolder.from_samples(train_set.samples, list(train_set.classes))
+    data = limit(robust(folder, strict=cfg.strict_data), cfg.limit_train)
+    ctx.print(f"--gpu-pipeline: training images decoded and augmented in batches on {device}")
+    return encoded_loader(
+        data,
+        transform,
+        batch_size=ctx.per_process_batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.workers,
+        seed=cfg.seed,
+    )
+
+
+def build(cfg: ImageNetConfig, ctx: Context) -> Built:
+    from distill.data.transforms import paired_views
 
     # 1. data (cheap layout checks before any weights are read)
     if cfg.dataset:
@@ -130,110 +193,42 @@ def build(cfg: ImageNetConfig, ctx: Context) -> Parts:
     # 2. teacher (not with --teacher-cache: the cache holds its answers), and the class count
     cached = cfg.teacher_cache is not None
     teacher = load_teacher(cfg) if cfg.method != "ce" and not cached else None
-    found = getattr(train_set, "num_classes", None)
-    num_classes = cfg.num_classes or found or (teacher.num_outputs if teacher else None)
-    if num_classes is None:
-        raise RecipeError(
-            f"cannot tell how many classes {dataset_name} has (its labels are not a ClassLabel): "
-            "set --num-classes"
-        )
-    if found is not None and found != num_classes:
-        raise RecipeError(f"--num-classes {num_classes} but {dataset_name} has {found} classes")
-    if cfg.dataset and cfg.num_classes is None and cfg.data_dir:
-        from distill.data.hf import validate_metadata_csvs
-
-        # the class count came from the teacher: check the labels against it now
-        validate_metadata_csvs(cfg.data_dir, num_classes=num_classes)
-    if teacher is not None:
-        check_outputs(teacher, num_classes, f"the dataset {dataset_name}")
-    # 3. transforms at each model's own resolution, then loaders
-    train_set.transform = views(teacher, cfg.resolution, train=True, crop_pct=cfg.crop_pct)
-    eval_set.transform = views(teacher, cfg.resolution, train=False, crop_pct=cfg.crop_pct)
-    rec, strict = ctx.recorder, cfg.strict_data
-    train_data = limit(robust(train_set, rec, strict=strict), cfg.limit_train)
-    eval_data = limit(robust(eval_set, rec, strict=strict), cfg.limit_eval)
-    replay: Any = None
-    cache: Any = None
-    if cfg.cache_teacher is not None or cached:
-        # the crops are drawn (and replayed) by index from the paired transform's PIL pipeline
-        replay = replayable_images(
-            train_set.samples,
-            train_set.transform,
-            rec,
-            root=cfg.data_dir or ".",
-            strict=strict,
-            limit_n=cfg.limit_train,
-        )
-    if cached:
-        from distill.data.teacher_cache import CachedDataset
-
-        cache = open_recipe_cache(cfg, replay, num_classes)
-        train_data = CachedDataset(replay, cache, seed=cfg.seed)
-        ctx.print(f"--teacher-cache: {len(cache)} images x {cache.crops} cached crops")
-    train_loader = make_loader(
-        train_data, ctx.per_process_batch, train=True, workers=cfg.workers, seed=cfg.seed
-    )
-    device = _pipeline_device(cfg) if replay is None else None
-    if device is not None:
-        if cfg.dataset:
-            raise RecipeError("--gpu-pipeline on reads image folders (--data-dir), not --dataset")
-        transform = GpuBatchTransform(
-            cfg.resolution,
-            train=True,
-            device=device,
-            channels_last=cfg.channels_last,
-            seed=cfg.seed,
-        )
-        train_loader = encoded_folder_loader(
-            train_set.samples,
-            list(train_set.classes),
-            transform,
-            rec,
-            strict=strict,
-            batch_size=ctx.per_process_batch,
-            train=True,
-            workers=cfg.workers,
-            seed=cfg.seed,
-            limit_n=cfg.limit_train,
-        )
-        ctx.print(f"--gpu-pipeline: training images decoded and augmented in batches on {device}")
-    eval_loader = make_loader(
-        eval_data, ctx.per_process_eval_batch, train=False, workers=cfg.workers, seed=cfg.seed
-    )
+    num_classes = _classes(cfg, train_set, dataset_name, teacher)
+    # 3. one crop per image, rendered at each model's own resolution; then the loaders
+    train_set.transform = paired_views(teacher, cfg.resolution, train=True, crop_pct=cfg.crop_pct)
+    eval_set.transform = paired_views(teacher, cfg.resolution, train=False, crop_pct=cfg.crop_pct)
+    train_loader, eval_loader = ctx.loaders(train_set, eval_set)
+    offline = _cache.offline(cfg, ctx, train_set, teacher, num_classes)
+    if offline.loader is not None:
+        train_loader = offline.loader
+    elif offline.build is None and (device := _pipeline_device(cfg)) is not None:
+        train_loader = _gpu_loader(cfg, ctx, train_set, device)
     # 4. student and objective
-    student = build_student(
-        cfg.student, alpha=cfg.alpha, resolution=cfg.resolution, num_outputs=num_classes
-    )
-    with user_errors(f"building the {cfg.method} objective"):
-        objective: Any
-        if cfg.method == "kd":
-            objective = KDLoss(temperature=cfg.temperature, alpha=cfg.kd_weight)
-        elif cfg.method == "dkd":
-            objective = DKDLoss(
-                alpha=cfg.dkd_alpha,
-                beta=cfg.dkd_beta,
-                temperature=cfg.temperature,
-                ce_weight=cfg.dkd_ce_weight,
-                warmup_epochs=cfg.dkd_warmup_epochs,
-            )
-        else:
-            objective = CrossEntropy(label_smoothing=cfg.label_smoothing)
-    return Parts(
-        student=student,
-        teacher=teacher,
-        objective=objective,
-        train_loader=train_loader,
-        eval_loader=eval_loader,
-        task="logits",
-        role="distilled" if cfg.method != "ce" else "scratch",
-        dataset_name=dataset_name,
-        student_name=cfg.student,
+    student = build_student(cfg, num_classes)
+    distilled = cfg.method != "ce"
+    info = describe(
+        cfg,
+        role="distilled" if distilled else "scratch",
+        method=cfg.method,
+        student=cfg.student,
+        dataset=dataset_name,
+        teacher=teacher.name if teacher is not None else offline.teacher_name,
         alpha=cfg.alpha if ":" not in cfg.student else None,
         resolution=cfg.resolution,
-        uses_kd_weight=cfg.method == "kd",  # DKD weighs its parts with dkd_alpha/dkd_beta
-        replayable=replay,
-        num_classes=num_classes,
-        teacher_cache=cache,
+        temperature=cfg.temperature if distilled else None,
+        kd_weight=cfg.kd_weight if cfg.method == "kd" else None,  # DKD: dkd_alpha/dkd_beta
+    )
+    return Built(
+        student=student,
+        teacher=teacher,
+        objective=_objective(cfg),
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        info=info,
+        task="logits",
+        notes=offline.notes,
+        cache=offline.cache,
+        build_cache=offline.build,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,10 +14,14 @@ from distill.data.transforms import (
     CropParams,
     PairedTransform,
     ViewSpec,
-    apply_crop,
     build_transforms,
     center_crop_params,
+    crop_generator,
+    draw_crop_seed,
+    paired_views,
+    render_view,
     sample_crop_params,
+    to_uint8_image,
 )
 from tests.datagen import synth_image
 
@@ -130,7 +136,7 @@ def test_sampled_boxes_stay_inside_the_image(w: int, h: int, seed: int, lo: floa
 def test_crop_params_tensor_round_trip_and_apply() -> None:
     p = CropParams(1, 2, 3, 4, True)
     assert CropParams.from_tensor(p.as_tensor()) == p
-    assert apply_crop(synth_image(0, 10), p, ViewSpec(5)).shape == (3, 5, 5)
+    assert render_view(synth_image(0, 10), p, ViewSpec(5)).shape == (3, 5, 5)
     with pytest.raises(ValueError, match="5 values"):
         CropParams.from_tensor([1, 2, 3])
 
@@ -146,3 +152,103 @@ def test_invalid_specs_say_what_is_wrong() -> None:
         sample_crop_params(10, 10, scale=(0.5, 0.2))
     with pytest.raises(ValueError, match="seed"):
         PairedTransform(S, train=True).generator_for(0)
+    with pytest.raises(ValueError, match="ratio"):
+        PairedTransform(S, train=True, ratio=(2.0, 1.0))  # at construction, not per image
+    with pytest.raises(ValueError, match="crop_pct"):
+        PairedTransform(S, train=False, crop_pct=1.5)
+    with pytest.raises(ValueError, match="uint8"):
+        render_view(torch.zeros(3, 8, 8), CropParams(0, 0, 4, 4), ViewSpec(4))
+
+
+@pytest.mark.parametrize("size", [(120, 200), (30, 300), (300, 20), (7, 5), (1, 1)])
+def test_the_sampler_is_torchvisions_draw_for_draw(size: tuple[int, int]) -> None:
+    from torchvision.transforms import v2
+
+    h, w = size
+    rrc = v2.RandomResizedCrop(32, scale=(0.1, 0.9), ratio=(0.5, 2.0))
+    for s in range(200):
+        torch.manual_seed(s)
+        ref = rrc.make_params([torch.zeros(3, h, w)])
+        p = sample_crop_params(
+            w, h, scale=(0.1, 0.9), ratio=(0.5, 2.0), generator=crop_generator(s)
+        )
+        assert (p.top, p.left, p.height, p.width) == tuple(
+            ref[k] for k in ("top", "left", "height", "width")
+        ), (s, p, ref)
+
+
+def test_flips_are_fair_and_drawn_last() -> None:
+    flips = [sample_crop_params(40, 30, generator=crop_generator(s)).flip for s in range(2000)]
+    assert abs(sum(flips) / len(flips) - 0.5) < 0.04
+    never = sample_crop_params(40, 30, flip_p=0.0, generator=crop_generator(3))
+    always = sample_crop_params(40, 30, flip_p=1.0, generator=crop_generator(3))
+    assert (never.flip, always.flip) == (False, True)
+    assert never.as_tensor()[:4].tolist() == always.as_tensor()[:4].tolist()
+
+
+def test_calls_draw_their_crop_from_the_default_generator() -> None:
+    img = synth_image(7, (50, 40))
+    t = PairedTransform(S, T, train=True, return_params=True)
+    torch.manual_seed(11)
+    first = t(img)
+    torch.manual_seed(11)
+    seed = draw_crop_seed()
+    assert 0 <= seed < 2**62
+    expected = t.sample_params(img.size, crop_generator(seed))
+    assert CropParams.from_tensor(first["crop"]) == expected == t.crop_for(img.size, seed)
+    torch.manual_seed(11)
+    assert torch.equal(t(img)["teacher_input"], first["teacher_input"])
+    torch.manual_seed(12)
+    assert CropParams.from_tensor(t(img)["crop"]) != expected
+
+
+def test_pil_images_and_uint8_tensors_render_identically() -> None:
+    img = synth_image(8, (44, 36))
+    x = to_uint8_image(img)
+    assert x.shape == (3, 36, 44) and x.dtype == torch.uint8
+    t = PairedTransform(S, T, train=True)
+    p = CropParams(3, 5, 25, 30, True)
+    a, b = t.apply(img, p), t.apply(x, p)
+    assert torch.equal(a["input"], b["input"]) and torch.equal(
+        a["teacher_input"], b["teacher_input"]
+    )
+    gray = img.convert("L")  # not RGB: converted like load_image does
+    assert render_view(gray, p, S).shape == (3, 16, 16)
+
+
+def test_render_view_is_crop_resize_flip_normalise() -> None:
+    from torchvision.transforms.v2 import functional as TF
+
+    x = to_uint8_image(synth_image(9, (40, 30)))
+    view = ViewSpec((12, 20), mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7), interpolation="bicubic")
+    out = render_view(x, CropParams(2, 4, 20, 30, True), view)
+    crop = TF.resize(x[:, 2:22, 4:34], [12, 20], interpolation=TF.InterpolationMode.BICUBIC)
+    ref = (crop.flip(-1).float() / 255 - torch.tensor(view.mean).view(3, 1, 1)) / torch.tensor(
+        view.std
+    ).view(3, 1, 1)
+    assert out.shape == (3, 12, 20) and torch.allclose(out, ref, atol=1e-6)
+
+
+class _TeacherLike:
+    def __init__(self, size: tuple[int, int] | None, mean: Any, std: Any, interp: str) -> None:
+        self.input_size, self.mean, self.std, self.interpolation = size, mean, std, interp
+
+
+def test_paired_views_for_a_teacher_and_a_student_resolution() -> None:
+    from distill import Teacher
+
+    teacher = Teacher(torch.nn.Identity(), input_size=(224, 200), mean=(0.5,) * 3, std=(0.25,) * 3)
+    t = paired_views(teacher, 128, train=True, scale=(0.3, 1.0))
+    assert t.student == ViewSpec(128) and t.train and t.scale == (0.3, 1.0)
+    assert t.teacher == ViewSpec((224, 200), (0.5,) * 3, (0.25,) * 3, "bilinear")
+    out = t(synth_image(1, 64))
+    assert out["input"].shape == (3, 128, 128) and out["teacher_input"].shape == (3, 224, 200)
+    # no teacher, or one that wants the student's tensors: the student view only
+    assert paired_views(None, 96, train=False).teacher is None
+    like = _TeacherLike((128, 128), None, None, "bilinear")
+    assert paired_views(like, 128, train=True).teacher is None  # type: ignore[arg-type]
+    # the student's own statistics carry over to a teacher without any; "area" renders bilinear
+    other = _TeacherLike((160, 160), None, None, "area")
+    t2 = paired_views(other, 128, train=False, model_mean=(0.5,) * 3, model_std=(0.5,) * 3)  # type: ignore[arg-type]
+    assert t2.teacher == ViewSpec((160, 160), (0.5,) * 3, (0.5,) * 3, "bilinear")
+    assert not t2.train and t2.crop_pct == 0.875

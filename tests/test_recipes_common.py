@@ -269,7 +269,7 @@ def test_teacher_spec_options() -> None:
 
 
 def test_step_and_cosine_schedules() -> None:
-    from recipes._run import lr_factor
+    from distill.schedules import lr_factor
 
     kw: dict[str, Any] = {"steps_per_epoch": 10, "total_steps": 1000, "gamma": 0.1}
     step = [
@@ -288,10 +288,9 @@ def test_step_and_cosine_schedules() -> None:
 
 
 def test_bad_files_are_replaced_and_recorded_across_workers(tmp_path: Path) -> None:
-    from torch.utils.data import DataLoader
-
-    from distill.data import image_folder
-    from recipes._data import ReplaceBadSamples, SkipRecorder, views
+    from distill.data import SkipLog, image_folder, take_skipped
+    from distill.data.loaders import make_loader, robust
+    from distill.data.transforms import paired_views
 
     root = tmp_path / "folder"
     make_image_folder(root, classes=("a", "b"), per_class=3, size=24)
@@ -300,12 +299,11 @@ def test_bad_files_are_replaced_and_recorded_across_workers(tmp_path: Path) -> N
         target = root / "a" / f"zz_{key}{bad[key].suffix}"
         target.write_bytes(bad[key].read_bytes())
     ds = image_folder(root)
-    ds.transform = views(None, 32, train=True)
-    rec = SkipRecorder(tmp_path / "skips", rank=0)
-    loader = DataLoader(ReplaceBadSamples(ds, rec), batch_size=4, num_workers=2)
-    batches = list(loader)
+    ds.transform = paired_views(None, 32, train=True)
+    loader = make_loader(robust(ds), 4, train=False, workers=2, seed=0)
+    log = SkipLog()  # the records travel with the batches from the workers
+    batches = [take_skipped(b, log)[0] for b in loader]
     assert sum(b["input"].shape[0] for b in batches) == len(ds)  # every batch stays full
-    log = rec.read()
     reasons = {Path(p).name: r for (p, r) in log.counts}
     assert reasons == {
         "zz_truncated.jpg": "truncated",
@@ -319,33 +317,26 @@ def test_batched_jpeg_pipeline_through_accelerate(tmp_path: Path) -> None:
     """The --gpu-pipeline loader on its CPU path: bytes in the workers, decode on .to(device)."""
     from accelerate import Accelerator
 
-    from distill.data import image_folder
+    from distill.data import SkipLog, image_folder, take_skipped
+    from distill.data.encoded import EncodedImageFolder, encoded_loader
     from distill.data.gpu_pipeline import GpuBatchTransform
-    from recipes._data import SkipRecorder, encoded_folder_loader
+    from distill.data.loaders import robust
 
     root = tmp_path / "folder"
     make_image_folder(root, classes=("a", "b", "c"), per_class=3, size=(40, 30))
     (root / "b" / "zz_empty.jpg").write_bytes(b"")
     tv = image_folder(root)
-    rec = SkipRecorder(tmp_path / "skips", rank=0)
     transform = GpuBatchTransform(24, train=True, device="cpu", channels_last=False)
-    loader = encoded_folder_loader(
-        tv.samples,
-        tv.classes,
-        transform,
-        rec,
-        strict=False,
-        batch_size=5,
-        train=True,
-        workers=1,
-        seed=0,
-        limit_n=None,
+    folder = robust(EncodedImageFolder.from_samples(tv.samples, tv.classes))
+    loader = encoded_loader(
+        folder, transform, batch_size=5, shuffle=True, drop_last=True, num_workers=1, seed=0
     )
     prepared = Accelerator(cpu=True).prepare(loader)
-    batches = list(prepared)
+    log = SkipLog()
+    batches = [take_skipped(b, log)[0] for b in prepared]
     assert [b["input"].shape for b in batches] == [torch.Size([5, 3, 24, 24])] * 2
     assert batches[0]["target"].dtype == torch.int64
-    assert [r for (_p, r) in rec.read().counts] == ["empty"]
+    assert [r for (_p, r) in log.counts] == ["empty"]
 
 
 def test_unwritable_output_dir_is_a_clear_error(tmp_path: Path, capsys: Any) -> None:

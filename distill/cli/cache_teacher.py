@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from distill.constants import IMAGENET_MEAN, IMAGENET_STD
-from distill.data.teacher_cache import ReplayableImages, build_cache
+from distill.data.cache import ReplayableImages, build_cache
 
 RECIPES_NOTE = """\
 For the recipes, build the cache with the recipe itself, so that its teacher, training set and

@@ -17,6 +17,7 @@ from distill.data.skipping import (
     SkipLogLoader,
     Skipped,
     collate_skipping,
+    take_skipped,
 )
 from distill.data.transforms import (
     IMAGENET_MEAN,
@@ -38,6 +39,7 @@ _LAZY = {
     "HFImageDataset": "distill.data.hf",
     "HFIterableImageDataset": "distill.data.hf",
     "hf_image_dataset": "distill.data.hf",
+    "hf_source": "distill.data.hf",
     "load_hf": "distill.data.hf",
     "DigitsDataset": "distill.data.digits",
     "load_digits_splits": "distill.data.digits",
@@ -59,6 +61,7 @@ __all__ = [
     "ViewSpec",
     "build_transforms",
     "collate_skipping",
+    "take_skipped",
     "load_image",
     *_LAZY,
 ]

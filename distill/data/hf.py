@@ -460,6 +460,19 @@ __all__: Sequence[str] = (
     "HFImageDataset",
     "HFIterableImageDataset",
     "hf_image_dataset",
+    "hf_source",
     "load_hf",
     "validate_metadata_csvs",
 )
+
+
+def hf_source(dataset: str, data_dir: str | None, split: str) -> dict[str, Any]:
+    """`hf_image_dataset` location arguments for a `--dataset` name and `--data-dir`. WebDataset
+    shards are passed as {split: files}: `datasets` files a plain list of shards under "train",
+    whatever split is asked for."""
+    if dataset == "webdataset" and data_dir:
+        root = Path(data_dir).expanduser()
+        shards = sorted(root.glob(f"{split}-*.tar")) or sorted(root.glob(f"{split}/*.tar"))
+        if shards:
+            return {"data_files": {split: [str(s) for s in shards]}}
+    return {"data_dir": data_dir}

@@ -1,4 +1,5 @@
-"""Skip-and-count for bad samples, across DataLoader worker processes.
+"""Skip-and-count for bad samples, across DataLoader worker processes: the one skipping
+system of the project (the Distiller, the recipes and the teacher cache all use it).
 
 A bad image raises `BadImageError` inside a dataset's `__getitem__`, usually in a DataLoader worker.
 `SkipBadSamples` turns it into a `Skipped` marker, or into the next good sample with the skip
@@ -6,7 +7,12 @@ recorded (`replace=True`), or re-raises (`strict=True`). The collate function
 `collate_skipping` drops the markers and carries the names in the batch under `"skipped"`: that
 is how the record travels from the workers to the main process. There, `take_skipped` (or the
 `SkipLogLoader` wrapper) moves it into a `SkipLog`, which prints a report by reason at the end
-and can be gathered across distributed ranks.
+and can be gathered across distributed ranks. The Distiller does this for every batch, keeps
+the log in its checkpoints, and writes it to `skipped.json` and metrics.json's `skipped_images`.
+
+`SkipBadReplays` does the same for a replayable dataset (the teacher cache's `draw`/`replay`):
+while the files stay as they are, the stand-in drawn when the cache is built is the one
+replayed when training reads it, so a crop and its cached teacher answer still agree.
 
     ds = SkipBadSamples(dataset, strict=args.strict_data)
     loader = DataLoader(ds, batch_size=..., collate_fn=collate_skipping, num_workers=...)
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,7 @@ from torch.utils.data import default_collate as _default_collate
 from distill.data.images import BadImageError
 
 SKIPPED_KEY = "skipped"
+MAX_CONSECUTIVE_BAD = 64  # replace mode: more unreadable files in a row than this is an error
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ class SkipBadSamples(Dataset[Any]):
         *,
         strict: bool = False,
         replace: bool = False,
-        max_tries: int = 16,
+        max_tries: int = MAX_CONSECUTIVE_BAD,
     ) -> None:
         self.dataset = dataset
         self.strict = strict
@@ -75,31 +82,100 @@ class SkipBadSamples(Dataset[Any]):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
-        try:
-            return self.dataset[index]
-        except BadImageError as e:
-            if self.strict:
-                raise
-            first = Skipped.from_error(e)
         if not self.replace:
-            return first
-        skipped = [first]
-        n = len(self)
-        for k in range(1, min(self.max_tries, n - 1) + 1):
             try:
-                sample = self.dataset[(index + k) % n]
+                return self.dataset[index]
             except BadImageError as e:
-                skipped.append(Skipped.from_error(e))
-                continue
-            if isinstance(sample, dict):
-                sample = dict(sample)
-                sample[SKIPPED_KEY] = [(s.path, s.reason) for s in skipped]
-                return sample
-            return sample  # not a dict: nowhere to record the skips
-        return first
+                if self.strict:
+                    raise
+                return Skipped.from_error(e)
+        return first_readable(
+            self.dataset.__getitem__, index, len(self), strict=self.strict, max_tries=self.max_tries
+        )
 
     def __getattr__(self, name: str) -> Any:
         if name in ("dataset", "strict", "replace", "max_tries"):  # not yet set (unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def first_readable(
+    fn: Callable[[int], Any],
+    index: int,
+    n: int,
+    *,
+    strict: bool = False,
+    max_tries: int = MAX_CONSECUTIVE_BAD,
+) -> Any:
+    """`fn(index)`, or, when that image is unreadable, `fn` of the next readable index (index
+    + 1, + 2, ... modulo `n`), with the skipped files recorded under "skipped" in the returned
+    dict (a non-dict sample has nowhere to carry them). `strict` re-raises the first failure;
+    more than `max_tries` unreadable files in a row raise `BadImageError` (a broken dataset,
+    not a few bad files)."""
+    skipped: list[Skipped] = []
+    for k in range(min(n, max_tries)):
+        try:
+            sample = fn((index + k) % n)
+        except BadImageError as e:
+            if strict:
+                raise
+            skipped.append(Skipped.from_error(e))
+            continue
+        if skipped and isinstance(sample, Mapping):
+            sample = dict(sample)
+            sample[SKIPPED_KEY] = [
+                *sample.get(SKIPPED_KEY, []),
+                *((s.path, s.reason) for s in skipped),
+            ]
+        return sample
+    first = skipped[0] if skipped else Skipped("?", "unreadable")
+    raise BadImageError(
+        first.path,
+        first.reason,
+        f"{len(skipped)} images in a row could not be read; check the dataset",
+    )
+
+
+class SkipBadReplays:
+    """A replayable dataset (`draw(index, generator)`, `replay(index, params)`, see
+    distill.data.teacher_cache) whose unreadable items are replaced by the next readable one,
+    in `draw` and `replay` alike, with the skip recorded in the item.
+
+    An unreadable file fails before the generator is used, so the stand-in draws from a fresh
+    generator: the cache build and its replay pick the same stand-in and the same crop.
+    """
+
+    def __init__(self, dataset: Any, *, strict: bool = False) -> None:
+        self.dataset = dataset
+        self.strict = strict
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def draw(self, index: int, generator: Any) -> Any:
+        def one(i: int) -> Any:
+            params, item = self.dataset.draw(i, generator)
+            return {"params": params, "item": item}
+
+        out = first_readable(one, index, len(self), strict=self.strict)
+        item = dict(out["item"])
+        if SKIPPED_KEY in out:
+            item[SKIPPED_KEY] = out[SKIPPED_KEY]
+        return out["params"], item
+
+    def replay(self, index: int, params: Any) -> Any:
+        return first_readable(
+            lambda i: self.dataset.replay(i, params), index, len(self), strict=self.strict
+        )
+
+    def data_signature(self) -> str:
+        return str(self.dataset.data_signature())
+
+    def transform_config(self) -> Any:
+        return self.dataset.transform_config()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "strict"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 

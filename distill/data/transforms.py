@@ -1,10 +1,21 @@
-"""Student and teacher transforms, each at its own resolution and normalisation.
+"""Student and teacher views of one crop, each at its own resolution and normalisation.
 
-`build_transforms` is the usual ImageNet pipeline for one model. `PairedTransform` serves
-distillation: it draws ONE crop box and flip per image and renders that same region twice, at the
-student's resolution/normalisation ("input") and at the teacher's ("teacher_input"). Crop
-parameters are plain values (`CropParams`): `sample_params` draws them from a `torch.Generator`,
-`apply` renders given ones, so a teacher-output cache can replay the exact crop later.
+This module is the one owner of what the teacher sees, on every code path and device:
+
+- `sample_crop_params` is the one random-resized-crop sampler (torchvision's algorithm, draw for
+  draw): a `CropParams` per image from a `torch.Generator`. Each sample's generator is seeded
+  by a 62-bit crop seed (`draw_crop_seed`) taken from torch's default CPU generator, which the
+  training loop seeds from (seed, epoch, index) around every `__getitem__`
+  (`distill.seeding.SeededDataset`): a sample's crop then depends on those three numbers
+  only, not on the batch it lands in or the worker that loads it.
+- `render_view` is the one renderer: a decoded (3, H, W) uint8 image, a `CropParams` and a
+  `ViewSpec` give the normalised (3, h, w) float32 view, on whatever device the image is on.
+- `PairedTransform` draws ONE crop per image and renders it twice, for the student ("input")
+  and natively for the teacher ("teacher_input"); `paired_views` builds it for a (teacher,
+  student resolution) pair, and `distill.data.gpu_pipeline.GpuBatchTransform.from_paired`
+  derives the batched (nvJPEG) pipeline from it, so both paths show the teacher the same crop.
+
+`build_transforms` is the usual single-model ImageNet pipeline (torchvision's own transforms).
 """
 
 from __future__ import annotations
@@ -12,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -20,10 +31,14 @@ from torch import Tensor
 
 from distill.constants import IMAGENET_MEAN, IMAGENET_STD
 
+if TYPE_CHECKING:
+    from distill.teacher import Teacher
+
 DEFAULT_CROP_PCT = 0.875  # eval: resize to R / 0.875, centre-crop R (the ImageNet convention)
 DEFAULT_SCALE = (0.08, 1.0)
 DEFAULT_RATIO = (3 / 4, 4 / 3)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+CROP_SEED_BITS = 62
 
 Size = int | tuple[int, int]
 
@@ -64,6 +79,13 @@ class ViewSpec:
     def size(self) -> tuple[int, int]:
         return _hw(self.resolution)
 
+    def same_as(self, other: ViewSpec | None) -> bool:
+        """Whether `other` renders identical tensors (resolutions 224 and (224, 224) agree)."""
+        if other is None:
+            return False
+        mine = (self.size, self.mean, self.std, self.interpolation)
+        return mine == (other.size, other.mean, other.std, other.interpolation)
+
 
 @dataclass(frozen=True)
 class CropParams:
@@ -89,8 +111,26 @@ class CropParams:
         return cls(v[0], v[1], v[2], v[3], bool(v[4]))
 
 
-def _uniform(lo: float, hi: float, g: torch.Generator | None) -> float:
-    return lo + (hi - lo) * float(torch.rand((), generator=g))
+def draw_crop_seed() -> int:
+    """A 62-bit crop seed from torch's default CPU generator.
+
+    Datasets call this in `__getitem__`, where the training loop has seeded that generator from
+    (seed, epoch, index); the crop itself is then drawn from `crop_generator(seed)`.
+    """
+    return int(torch.randint(0, 2**CROP_SEED_BITS, ()))
+
+
+def crop_generator(crop_seed: int) -> torch.Generator:
+    """The generator a sample's crop is drawn from: a fresh CPU generator seeded by `crop_seed`."""
+    return torch.Generator().manual_seed(int(crop_seed))
+
+
+def _uniform(lo: float, hi: float, g: torch.Generator | None) -> Tensor:
+    return torch.empty(1).uniform_(lo, hi, generator=g)  # (1,) float32, as torchvision
+
+
+def _randint(hi: int, g: torch.Generator | None) -> int:
+    return int(torch.randint(0, hi, size=(1,), generator=g).item())
 
 
 def sample_crop_params(
@@ -102,39 +142,44 @@ def sample_crop_params(
     flip_p: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> CropParams:
-    """A random-resized-crop box (Szegedy et al. 2015, "Going deeper with convolutions"):
-    area fraction uniform in `scale`, aspect ratio log-uniform in `ratio`; up to 10 tries,
-    then the largest centred box within `ratio`. The flip is always drawn, so every call
-    consumes the generator the same way.
+    """A random-resized-crop box (Szegedy et al. 2015, "Going deeper with convolutions").
+
+    torchvision's `RandomResizedCrop` draw for draw (the same generator gives the same box):
+    area fraction uniform in `scale`, aspect ratio log-uniform in `ratio` (in float32, as
+    torchvision), up to 10 tries, then the largest centred box within `ratio`. The flip is
+    drawn last and always, so every call consumes the generator the same way.
     """
+    _check_ranges(scale, ratio)
+    area = width * height
+    log_ratio = torch.log(torch.tensor(ratio))  # float32, as torchvision
+    box: tuple[int, int, int, int] | None = None
+    for _ in range(10):
+        target = area * float(_uniform(scale[0], scale[1], generator).item())
+        aspect = float(torch.exp(_uniform(float(log_ratio[0]), float(log_ratio[1]), generator)))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = _randint(height - h + 1, generator)
+            box = (top, _randint(width - w + 1, generator), h, w)
+            break
+    if box is None:
+        in_ratio = width / height
+        if in_ratio < min(ratio):
+            w, h = width, round(width / min(ratio))
+        elif in_ratio > max(ratio):
+            h, w = height, round(height * max(ratio))
+        else:
+            w, h = width, height
+        box = ((height - h) // 2, (width - w) // 2, h, w)
+    flip = float(torch.rand(1, generator=generator).item()) < flip_p
+    return CropParams(*box, flip=flip)
+
+
+def _check_ranges(scale: tuple[float, float], ratio: tuple[float, float]) -> None:
     if not (0 < scale[0] <= scale[1] <= 1):
         raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
     if not (0 < ratio[0] <= ratio[1]):
         raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
-    area = width * height
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    box: tuple[int, int, int, int] | None = None
-    for _ in range(10):
-        target = area * _uniform(scale[0], scale[1], generator)
-        aspect = math.exp(_uniform(log_lo, log_hi, generator))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (), generator=generator))
-            left = int(torch.randint(0, width - w + 1, (), generator=generator))
-            box = (top, left, h, w)
-            break
-    if box is None:
-        in_ratio = width / height
-        if in_ratio < ratio[0]:
-            w, h = width, round(width / ratio[0])
-        elif in_ratio > ratio[1]:
-            h, w = height, round(height * ratio[1])
-        else:
-            w, h = width, height
-        box = ((height - h) // 2, (width - w) // 2, h, w)
-    flip = float(torch.rand((), generator=generator)) < flip_p
-    return CropParams(*box, flip=flip)
 
 
 def center_crop_params(
@@ -164,20 +209,48 @@ def _interp(name: str) -> Any:
     return InterpolationMode(name)
 
 
-def to_normalized_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """PIL RGB -> (3, H, W) float32, (x/255 - mean) / std."""
+def to_uint8_image(img: Image.Image | Tensor) -> Tensor:
+    """A decoded image as the (3, H, W) uint8 tensor `render_view` reads.
+
+    PIL images are converted to RGB with `distill.data.images.to_rgb` if they are not RGB yet
+    (`load_image` already returns RGB); tensors must already be (3, H, W) uint8.
+    """
+    if isinstance(img, Tensor):
+        if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] != 3:
+            raise ValueError(
+                f"expected a (3, H, W) uint8 image, got {tuple(img.shape)} {img.dtype}; decode "
+                "with distill.data.load_image or torchvision.io.decode_image(mode=RGB)"
+            )
+        return img
     from torchvision.transforms.v2 import functional as F
 
-    x = F.pil_to_tensor(img).float().div_(255.0)
-    return F.normalize(x, list(mean), list(std))
+    if img.mode != "RGB":
+        from distill.data.images import to_rgb
+
+        img = to_rgb(img)
+    return F.pil_to_tensor(img)
 
 
-def apply_crop(img: Image.Image, params: CropParams, view: ViewSpec) -> Tensor:
-    """Render `params` of `img` as `view` wants it: (3, H, W) float32, normalised."""
+def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 (..., 3, H, W) -> float32 (x / 255 - mean) / std, elementwise (so a batch gives
+    bit-for-bit the values of its images normalised one by one)."""
     from torchvision.transforms.v2 import functional as F
 
-    out = F.resized_crop(
-        img,
+    return F.normalize(x.float().div_(255.0), list(mean), list(std))
+
+
+def render_view(image: Image.Image | Tensor, params: CropParams, view: ViewSpec) -> Tensor:
+    """Render `params` of a decoded image as `view` wants it: (3, h, w) float32, normalised.
+
+    Crop, resize to `view.size` (antialiased, `view.interpolation`) on uint8, flip, normalise;
+    on the device the image is on. On the CPU, torchvision resizes uint8 natively; on CUDA it
+    resizes in float32 and rounds back to uint8, so a CUDA view can differ from the CPU one by
+    rounding (one grey level here and there), never in box, size or normalisation.
+    """
+    from torchvision.transforms.v2 import functional as F
+
+    x = F.resized_crop(
+        to_uint8_image(image),
         params.top,
         params.left,
         params.height,
@@ -185,10 +258,10 @@ def apply_crop(img: Image.Image, params: CropParams, view: ViewSpec) -> Tensor:
         list(view.size),
         interpolation=_interp(view.interpolation),
         antialias=True,
-    )
+    )  # (3, h, w) uint8
     if params.flip:
-        out = F.horizontal_flip(out)
-    return to_normalized_tensor(out, view.mean, view.std)
+        x = F.horizontal_flip(x)
+    return normalize(x, view.mean, view.std)
 
 
 def build_transforms(
@@ -238,10 +311,11 @@ class PairedTransform:
 
     train=True draws a random-resized crop and flip per call; train=False uses the centred
     `crop_pct` region (what resize + centre-crop keeps), so both views show the same pixels.
-    With `seed` set, calls that pass `index` draw from a generator seeded by (seed, epoch, index):
-    the crop of sample i in epoch e is then a pure function of those three numbers and can be
-    recomputed anywhere (`params_for`). `return_params=True` adds "crop": (5,) int64.
-    `teacher=None` gives the student view only.
+    Calls draw a crop seed from torch's default generator (`draw_crop_seed`), which the
+    training loop seeds per (seed, epoch, index). With `seed` set, calls that pass `index` use a
+    generator seeded by (seed, epoch, index) instead (`params_for`), for loaders without that
+    per-sample seeding. `return_params=True` adds "crop": (5,) int64. `teacher=None` gives the
+    student view only.
     """
 
     def __init__(
@@ -259,6 +333,9 @@ class PairedTransform:
     ) -> None:
         if not (0 <= flip_p <= 1):
             raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+        if not (0 < crop_pct <= 1):
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        _check_ranges(scale, ratio)
         self.student = student
         self.teacher = teacher
         self.train = train
@@ -278,8 +355,7 @@ class PairedTransform:
             raise ValueError("PairedTransform(seed=None) has no per-sample generator; set seed")
         e = self.epoch if epoch is None else epoch
         # a fixed mixing of three integers into one 63-bit seed
-        s = ((self.seed * 1_000_003 + e) * 1_000_003 + int(index)) % (2**63 - 1)
-        return torch.Generator().manual_seed(s)
+        return crop_generator(((self.seed * 1_000_003 + e) * 1_000_003 + int(index)) % (2**63 - 1))
 
     def sample_params(
         self, image_size: tuple[int, int], generator: torch.Generator | None = None
@@ -304,17 +380,70 @@ class PairedTransform:
         """The params `__call__(img, index)` uses in `epoch` (requires `seed`)."""
         return self.sample_params(image_size, self.generator_for(index, epoch))
 
-    def apply(self, img: Image.Image, params: CropParams) -> dict[str, Tensor]:
-        out = {"input": apply_crop(img, params, self.student)}
+    def crop_for(self, image_size: tuple[int, int], crop_seed: int) -> CropParams:
+        """The crop of an image of PIL size (width, height) for a `draw_crop_seed` value."""
+        if not self.train:
+            return self.sample_params(image_size)
+        return self.sample_params(image_size, crop_generator(crop_seed))
+
+    def apply(self, img: Image.Image | Tensor, params: CropParams) -> dict[str, Tensor]:
+        """Render `params` of a decoded image (PIL RGB, or (3, H, W) uint8 on any device)."""
+        x = to_uint8_image(img)
+        out = {"input": render_view(x, params, self.student)}
         if self.teacher is not None:
-            out["teacher_input"] = apply_crop(img, params, self.teacher)
+            out["teacher_input"] = render_view(x, params, self.teacher)
         if self.return_params:
             out["crop"] = params.as_tensor()
         return out
 
-    def __call__(self, img: Image.Image, index: int | None = None) -> dict[str, Tensor]:
-        g = self.generator_for(index) if self.seed is not None and index is not None else None
-        return self.apply(img, self.sample_params(img.size, g))
+    def __call__(self, img: Image.Image | Tensor, index: int | None = None) -> dict[str, Tensor]:
+        x = to_uint8_image(img)
+        size = (int(x.shape[-1]), int(x.shape[-2]))  # PIL order: (width, height)
+        if self.seed is not None and index is not None:
+            params = self.params_for(size, index)
+        else:
+            params = self.crop_for(size, draw_crop_seed() if self.train else 0)
+        return self.apply(x, params)
+
+
+def paired_views(
+    teacher: Teacher | None,
+    resolution: Size,
+    *,
+    train: bool,
+    crop_pct: float = DEFAULT_CROP_PCT,
+    scale: tuple[float, float] = DEFAULT_SCALE,
+    ratio: tuple[float, float] = DEFAULT_RATIO,
+    model_mean: Sequence[float] | None = None,
+    model_std: Sequence[float] | None = None,
+) -> PairedTransform:
+    """The paired transform of a (teacher, student resolution) pair: one crop per image,
+    rendered for the student ("input", at `resolution`, ImageNet normalisation unless
+    `model_mean`/`model_std` say otherwise) and, when the teacher wants other tensors, natively
+    for the teacher ("teacher_input", at its `input_size`, `mean`/`std`, `interpolation`).
+
+    The batched pipeline derives from the result:
+    `GpuBatchTransform.from_paired(paired_views(...), device=...)` renders the same views.
+    """
+    student = ViewSpec(
+        resolution, tuple(model_mean or IMAGENET_MEAN), tuple(model_std or IMAGENET_STD)
+    )
+    teacher_view = None
+    if teacher is not None and teacher.input_size is not None:
+        # the Teacher also resizes with "area", which a crop renderer has not: antialiased
+        # bilinear is what "area" amounts to when shrinking
+        interp = teacher.interpolation if teacher.interpolation in INTERPOLATIONS else "bilinear"
+        teacher_view = ViewSpec(
+            (int(teacher.input_size[0]), int(teacher.input_size[1])),
+            tuple(teacher.mean or student.mean),
+            tuple(teacher.std or student.std),
+            interp,
+        )
+        if teacher_view.same_as(student):
+            teacher_view = None  # the Teacher converts the student's batch itself (a no-op)
+    return PairedTransform(
+        student, teacher_view, train=train, crop_pct=crop_pct, scale=scale, ratio=ratio
+    )
 
 
 def run_transform(

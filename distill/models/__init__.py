@@ -9,6 +9,7 @@ from distill.models.mobilenet import (
 )
 from distill.models.registry import (
     PREFIXES,
+    build_student,
     create_student,
     get_student_builder,
     list_students,
@@ -18,6 +19,7 @@ from distill.models.registry import (
 __all__ = [
     "PREFIXES",
     "MobileNetV1",
+    "build_student",
     "create_student",
     "get_student_builder",
     "list_students",

@@ -18,7 +18,14 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-__all__ = ["PREFIXES", "create_student", "get_student_builder", "list_students", "register_student"]
+__all__ = [
+    "PREFIXES",
+    "build_student",
+    "create_student",
+    "get_student_builder",
+    "list_students",
+    "register_student",
+]
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 
@@ -111,3 +118,19 @@ def _create_torchvision(model_name: str, kwargs: dict[str, Any]) -> nn.Module:
         )
     model: nn.Module = torchvision.models.get_model(model_name, **kwargs)
     return model
+
+
+def build_student(
+    name: str, *, num_classes: int, alpha: float | None = None, resolution: int | None = None
+) -> nn.Module:
+    """`create_student(name, num_classes=...)`, passing the width multiplier `alpha` and the
+    input `resolution` to builders that take them (MobileNetV1 does); timm:/torchvision:
+    models and builders without those arguments get neither."""
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if ":" not in name:
+        params = inspect.signature(get_student_builder(name)).parameters
+        if alpha is not None and "alpha" in params:
+            kwargs["alpha"] = alpha
+        if resolution is not None and "resolution" in params:
+            kwargs["resolution"] = resolution
+    return create_student(name, **kwargs)

@@ -1,0 +1,166 @@
+"""Offline distillation in the recipes: `--cache-teacher DIR` runs the teacher once over K crops
+of every training image and exits; `--teacher-cache DIR` trains from those crops without loading
+the teacher.
+
+The cache itself (fingerprint, build, replay, the explanation of a mismatch) is
+`distill.data.cache`; what is recipe-specific here is the cache's identity in the recipe's
+terms: the teacher is named by its spec (training from the cache must not load it) and every
+component is labelled with the flags that change it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recipes._config import CacheableRecipeConfig, RecipeError, parse_teacher
+from recipes._run import Context, user_errors
+
+RECIPE_FILE = "recipe.json"  # provenance written next to the cache's manifest
+LABELS = {
+    "teacher": "teacher (--teacher spec and --teacher-options)",
+    "dataset": "training images (file list, sizes and labels; --data-dir, --limit-train)",
+    "transform": "training transform (--resolution, crop scale/ratio, flip)",
+    "num_classes": "number of classes",
+    "topk": "topk",
+    "crops": "crops",
+    "seed": "--seed",
+}
+HOW_TO_BUILD = "the same command with --cache-teacher DIR instead of --teacher-cache"
+
+
+@dataclass
+class Offline:
+    """What the cache flags mean for one run: nothing, a cache to build, or one to train from."""
+
+    loader: Any = None  # --teacher-cache: the training loader replaying the cached crops
+    cache: Any = None  # the opened distill.data.teacher_cache.TeacherCache
+    teacher_name: str | None = None  # the cached teacher's name, for the run's record
+    notes: dict[str, Any] = field(default_factory=dict)  # run_info: the cache's path, digest
+    build: Callable[[], None] | None = None  # --cache-teacher: what to run instead of training
+
+
+def identity(cfg: CacheableRecipeConfig, dataset: Any, num_classes: int) -> dict[str, Any]:
+    """What a recipe's cache depends on, in readable form. The teacher's view of each crop
+    follows from its spec, so the transform part is the student's view and the crop
+    distribution only."""
+    spec, options = parse_teacher(cfg.teacher, cfg.teacher_options)
+    transform = {k: v for k, v in dataset.transform_config().items() if k != "teacher"}
+    return {
+        "teacher": {"spec": spec, "options": options},
+        "dataset": dataset.data_signature(),
+        "images": len(dataset),
+        "transform": json.loads(json.dumps(transform, default=str)),
+        "num_classes": num_classes,
+    }
+
+
+def replayable(cfg: CacheableRecipeConfig, train_set: Any) -> Any:
+    """The training images and their paired train transform as a replayable dataset (what a
+    cache is built over and replayed from), unreadable files replaced in build and replay."""
+    from distill.data.skipping import SkipBadReplays
+    from distill.data.teacher_cache import ReplayableImages
+
+    n = cfg.limit_train
+    kept = train_set.samples[:n] if n is not None else train_set.samples
+    # absolute paths: the fingerprint names files relative to the root, wherever the run starts
+    absolute = [(os.path.abspath(p), y) for p, y in kept]
+    root = os.path.abspath(Path(cfg.data_dir or ".").expanduser())
+    images = ReplayableImages(absolute, train_set.transform, root=root)
+    return SkipBadReplays(images, strict=cfg.strict_data)
+
+
+def offline(
+    cfg: CacheableRecipeConfig, ctx: Context, train_set: Any, teacher: Any, num_classes: int
+) -> Offline:
+    """`--cache-teacher` / `--teacher-cache` for a recipe's training set (or neither)."""
+    if cfg.cache_teacher is None and cfg.teacher_cache is None:
+        return Offline()
+    dataset = replayable(cfg, train_set)
+    if cfg.cache_teacher is not None:
+        return Offline(build=lambda: _build(cfg, ctx, teacher, dataset, num_classes))
+    return _train_from(cfg, ctx, dataset, num_classes)
+
+
+def _train_from(cfg: CacheableRecipeConfig, ctx: Context, dataset: Any, n: int) -> Offline:
+    from distill.data.loaders import make_loader
+    from distill.data.teacher_cache import CachedDataset, open_checked
+
+    assert cfg.teacher_cache is not None
+    path = Path(cfg.teacher_cache).expanduser()
+    with user_errors(f"--teacher-cache {path}"):
+        cache = open_checked(
+            path, identity(cfg, dataset, n), labels=LABELS, how_to_build=HOW_TO_BUILD
+        )
+    ctx.print(f"--teacher-cache: {len(cache)} images x {cache.crops} cached crops")
+    data = CachedDataset(dataset, cache, seed=cfg.seed)
+    loader = make_loader(
+        data, ctx.per_process_batch, train=True, workers=cfg.workers, seed=cfg.seed
+    )
+    meta = cache.manifest.get("teacher_meta") or {}
+    name = str(meta.get("name") or parse_teacher(cfg.teacher, {})[0] or "cached")
+    notes = {
+        "teacher_cache": {
+            "path": str(cache.path),
+            "digest": cache.fingerprint.digest,
+            "crops": cache.crops,
+            "topk": cache.topk,
+        }
+    }
+    return Offline(loader=loader, cache=cache, teacher_name=name, notes=notes)
+
+
+def _build(
+    cfg: CacheableRecipeConfig, ctx: Context, teacher: Any, dataset: Any, num_classes: int
+) -> None:
+    """--cache-teacher DIR: the teacher's answers on K crops of every training image."""
+    import torch
+
+    from distill.data.teacher_cache import build_or_reuse, teacher_signature
+    from distill.files import write_json_atomic
+
+    if teacher is None:
+        raise RecipeError(f"--cache-teacher: the {cfg.NAME} recipe built no teacher to cache")
+    assert cfg.cache_teacher is not None
+    out = Path(cfg.cache_teacher).expanduser()
+    device = torch.device(ctx.accelerator.device)
+    ident = identity(cfg, dataset, num_classes)
+    with user_errors(f"building the teacher cache in {out}"):
+        cache = build_or_reuse(
+            teacher,
+            dataset,
+            out,
+            identity=ident,
+            labels=LABELS,
+            crops=cfg.crops,
+            topk=cfg.topk,
+            seed=cfg.seed,
+            batch_size=ctx.per_process_eval_batch,
+            device=device,
+            num_workers=cfg.workers,
+            progress=cfg.progress,
+            # the teacher runs as it would online: under autocast when mixed precision is on
+            autocast=device.type == "cuda" and cfg.mixed_precision != "no",
+        )
+    provenance = {
+        "recipe": cfg.NAME,
+        "identity": ident,
+        # provenance only: training from the cache checks the spec, not the weights
+        "teacher_weights_sha256": teacher_signature(teacher),
+        "seed": cfg.seed,
+    }
+    write_json_atomic(out / RECIPE_FILE, provenance)
+    if cache.skipped:  # the stand-ins are cached; training replays the same substitution
+        print(cache.skipped.report(), file=sys.stderr)
+        write_json_atomic(out / "skipped.json", cache.skipped.to_dict())
+    ctx.print(
+        f"cached {len(cache)} images x {cache.crops} crops, top-{cache.topk} of "
+        f"{cache.num_classes} classes in {cache.path} ({cache.nbytes() / 2**20:.1f} MiB, "
+        f"fingerprint {cache.fingerprint.digest[:12]}); train from it with the same settings "
+        f"and --teacher-cache {cache.path}"
+    )
