@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC) || $(PIP) install -q torch torchvision
-	$(PIP) install -q -e ".[dev,timm,hf,report,webdataset]"
+	$(PIP) install -q -e ".[dev,timm,hf,report,webdataset,export]"
 	# facenet-pytorch pins torch<2.3: only its code is installed, for the FaceNet compatibility test.
 	$(PIP) install -q --no-deps facenet-pytorch==2.6.0
 	# torchdistill: peer-agreement tests and benchmarks only (its own pins would fight ours).
@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --device cpu
 	$(PY) benchmarks/input_pipeline.py --device cpu --images 512 --workers 2 --batch-size 64
 	$(PY) benchmarks/cache_fidelity.py --seeds 1
+	$(PY) benchmarks/latency.py
 
 table: $(STAMP)
 	$(PY) -m distill table

@@ -6,13 +6,20 @@
 
 1. Fidelity: mean KL(p_T || q_T) in nats between the teacher's softmax(z / T) and the one
    reconstructed from its top-k logits (`distill.data.teacher_cache.topk_kl`: fp16 values, the
-   other classes sharing the remaining mass uniformly), for k = 1, 5, 10, 20 and T = 1, 4, on
+   other classes sharing the remaining T = 1 mass uniformly, as a version-1 cache did, or with
+   the 8-bit tail of the default cache), for k = 1, 5, 10, 20 and T = 1, 4, on
    - the digits teacher (a small CNN) trained here (10 classes: k >= 10 is exact), on shifted
      test crops;
    - synthetic 1000-class logits shaped like a confident ImageNet classifier (documented in
      `synthetic_logits`; a stand-in, since no pretrained weights can be downloaded here);
    - with --teacher-arch/--teacher-weights/--data-dir: a real teacher on centre crops.
-2. Accuracy on scikit-learn digits of the same student trained by the same Distiller, online
+2. Exactness: the relative difference between the KD loss (`soft_kd_loss`, T^2 KL) from the
+   cache and online, and between their gradients with respect to the student's logits
+   (||g_cached - g_online|| / ||g_online||), at T = 1, 2, 4, 8 and k = 5, 10, 20 on 1000
+   classes, for three ways of storing the tail: its mass at T = 1 (format version 1, "before"),
+   its mass at the training temperature (`tail="mass"`), and 8 bits per class (the default),
+   against an untrained student (independent logits) and a half-trained one (0.6 z + noise).
+3. Accuracy on scikit-learn digits of the same student trained by the same Distiller, online
    (teacher forward every step, fresh random shifts) vs from the cache (K stored shifts per
    image, replayed as epoch mod K), over --seeds seeds; plus the student trained from labels.
 
@@ -43,29 +50,107 @@ KS = (1, 5, 10, 20)
 TS = (1.0, 4.0)
 
 
-def kl_row(logits: Tensor) -> dict[str, float]:
+def kl_row(logits: Tensor, tail: str = "mass") -> dict[str, float]:
     from distill.data.teacher_cache import topk_kl
 
     out = {}
     for t in TS:
         for k in KS:
             kk = min(k, logits.shape[1])
-            out[f"T={t:g},k={k}"] = max(0.0, float(topk_kl(logits, kk, t).mean()))
+            kl = topk_kl(logits, kk, t, tail=tail)  # type: ignore[arg-type]
+            out[f"T={t:g},k={k}"] = max(0.0, float(kl.mean()))
     return out
 
 
-def synthetic_logits(n: int = 2000, classes: int = 1000, seed: int = 0) -> Tensor:
+def synthetic_logits(
+    n: int = 2000, classes: int = 1000, seed: int = 0, noise: str = "gaussian"
+) -> Tensor:
     """Logits of a confident 1000-way classifier: N(0, 1.2²) noise, +5 on 5 'related' classes
     (fine-grained neighbours, as ImageNet's dog breeds), +10 on the predicted class. Mean top-1
     probability ≈ 0.81 and mean entropy ≈ 1.3 nats, the order of a ResNet-50's on ImageNet
-    val. A stand-in: the per-class shape of a real teacher's tail is not modelled."""
+    val. `noise="student-t"`: heavy-tailed noise instead, 1.5 x Student-t with 4 degrees of
+    freedom (top-1 ≈ 0.71, entropy ≈ 1.1 nats, logits spanning ≈ 26 against ≈ 14). A stand-in:
+    the per-class shape of a real teacher's tail is not modelled."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, classes, generator=g) * 1.2
+    z = torch.randn(n, classes, generator=g)
+    if noise == "student-t":  # a normal over sqrt(chi2(4) / 4), chi2(4) the sum of 4 squares
+        chi2 = (torch.randn(4, n, classes, generator=g) ** 2).sum(0)
+        z = z / (chi2 / 4).sqrt() * 1.5
+    else:
+        z = z * 1.2
     top = torch.randint(classes, (n,), generator=g)
     related = torch.randint(classes, (n, 5), generator=g)
     z.scatter_add_(1, related, torch.full((n, 5), 5.0))
     z[torch.arange(n), top] += 10.0
     return z
+
+
+def students(z: Tensor, seed: int = 1) -> dict[str, Tensor]:
+    """Student logits to measure against: untrained (independent of the teacher) and
+    half-trained (correlated with the teacher's logits z, its tail included)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "untrained": torch.randn(z.shape, generator=g),
+        "half-trained": 0.6 * z + 1.5 * torch.randn(z.shape, generator=g),
+    }
+
+
+STORAGES = ("mass at T=1 (v1)", "mass at T", "8-bit tail")
+
+
+def cached_teacher(z: Tensor, k: int, temperature: float, storage: str) -> Tensor:
+    """The dense logits a cache hands the loss at `temperature`: as `TeacherCache.logits`
+    computes them for a cache storing the tail's mass at T = 1 only (format version 1), its
+    mass at the training temperature, or 8 bits per tail class (the default build, which
+    stores the mass at T = 1 only: no correction at other temperatures)."""
+    from distill.data.teacher_cache import compress_topk, reconstruct_logits, tempered_tail_lse
+
+    quantized = storage == "8-bit tail"
+    c = compress_topk(z, k, tail="quantized" if quantized else "mass")
+    t = temperature if storage == "mass at T" else 1.0
+    lse = tempered_tail_lse(z, c.indices, [t])[:, 0]
+    if quantized and t != temperature:
+        lse = None
+    return reconstruct_logits(
+        c.values.half(), c.indices, lse, z.shape[1], temperature=t,
+        tail_codes=c.tail_codes, tail_range=c.tail_range,
+    )  # fmt: skip
+
+
+def kd_difference(
+    student: Tensor, teacher: Tensor, cached: Tensor, t: float
+) -> tuple[float, float]:
+    """(|loss_cached - loss_online| / loss_online, ||g_cached - g_online|| / ||g_online||) of
+    the KD soft loss, g its gradient with respect to the student's logits."""
+    from distill.losses.kd import soft_kd_loss
+
+    out = []
+    for target in (teacher, cached):
+        s = student.clone().requires_grad_(True)
+        loss = soft_kd_loss(s, target, temperature=t)
+        (grad,) = torch.autograd.grad(loss, s)
+        out.append((float(loss.detach()), grad))
+    (lo, go), (lc, gc) = out
+    return abs(lc - lo) / lo, float((gc - go).norm() / go.norm())
+
+
+EXACT_TS = (1.0, 2.0, 4.0, 8.0)
+EXACT_KS = (5, 10, 20)
+
+
+def exactness_table(z: Tensor) -> str:
+    """One row per (student, k, storage): loss and gradient differences (%) at each T."""
+    head = "| student | k | tail stored as | " + " | ".join(f"T={t:g}" for t in EXACT_TS)
+    text = head + " |\n" + "|---" * (3 + len(EXACT_TS)) + "|\n"
+    for name, s in students(z).items():
+        for k in EXACT_KS:
+            for storage in STORAGES:
+                cells = []
+                for t in EXACT_TS:
+                    dl, dg = kd_difference(s, z, cached_teacher(z, k, t, storage), t)
+                    cells.append(f"{100 * dl:.3g}% / {100 * dg:.3g}%")
+                text += f"| {name} | {k} | {storage} | " + " | ".join(cells) + " |\n"
+    return text
 
 
 def describe(logits: Tensor) -> str:
@@ -310,6 +395,16 @@ def main(argv: list[str] | None = None) -> int:
     syn = synthetic_logits()
     fidelity["synthetic 1000-class"] = kl_row(syn)
     notes["synthetic 1000-class"] = describe(syn) + ", 2000 rows"
+    fidelity["synthetic 1000-class, 8-bit tail"] = kl_row(syn, tail="quantized")
+    notes["synthetic 1000-class, 8-bit tail"] = "the same rows, the default cache of format 2"
+    exact = ""
+    for noise in ("gaussian", "student-t"):
+        z = synthetic_logits(n=512, noise=noise)
+        exact += (
+            f"\nCached vs online KD, relative difference of the loss / of its gradient, on 512 "
+            f"synthetic 1000-class rows with {noise} noise ({describe(z)}):\n\n"
+        )
+        exact += exactness_table(z)
     if args.teacher_arch:
         if not (args.teacher_weights and args.data_dir):
             print("error: --teacher-arch needs --teacher-weights and --data-dir", file=sys.stderr)
@@ -328,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     text = f"\n\n### cache fidelity, {date}, CPU\n\n`{command}`\n\n"
     text += "Mean KL(teacher ‖ top-k reconstruction) in nats, over rows:\n\n"
     text += fidelity_table(fidelity, notes)
+    text += exact
     if acc_rows:
         text += f"\nStudent accuracy on the digits test split ({setup}):\n\n" + accuracy_table(
             acc_rows

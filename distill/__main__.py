@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("distill.cli.report", "build a W&B Report comparing runs"),
     "cache-teacher": ("distill.cli.cache_teacher", "run a teacher once and store its outputs"),
     "demo": ("distill.cli.demo", "the embedded digits demo: teacher, scratch, distilled"),
+    "export": ("distill.cli.export", "ship a run's student: ONNX, INT8, pt2, hf folder, latency"),
 }
 
 
@@ -25,7 +26,10 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help"}:
+    if not argv:  # a command is required: say which there are, and fail like argparse does
+        print(f"error: a command is required.\n\n{_usage()}", file=sys.stderr)
+        return 2
+    if argv[0] in {"-h", "--help"}:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]

@@ -274,6 +274,17 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
             f"--resume {resume}: no such checkpoint folder. Give a folder like "
             f"{step_dir(root, 100)} or 'latest'."
         )
+    if not (path / STATE_FILE).exists():
+        holder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = [p.name for p in list_checkpoints(holder) if (p / STATE_FILE).exists()]
+        if found or holder != path:
+            listed = ", ".join(found[-5:]) or "none yet"
+            what = "a run folder" if holder != path else "a folder of checkpoints"
+            raise CheckpointError(
+                f"--resume {resume} is {what}, not a checkpoint; its complete checkpoints: "
+                f"{listed}. Resume the newest with --output-dir {holder.parent} --resume latest, "
+                f"or name one: --resume {holder / (found[-1] if found else 'step_XXXXXXXX')}"
+            )
     return path
 
 
@@ -285,9 +296,25 @@ def resume(accelerator: Any, what: str | None, root: Path, scheduler: Any = None
         if what == "latest":
             accelerator.print(f"no checkpoint under {root}: starting from scratch")
         return None
-    state = load_checkpoint(accelerator, path, scheduler)
+    try:
+        state = load_checkpoint(accelerator, path, scheduler)
+    except CheckpointError as e:
+        if what != "latest":
+            raise
+        raise CheckpointError(f"{e} {_last_good_before(root, path)}") from None
     accelerator.print(f"resumed from {path} at step {state.get('step', 0)}")
     return state
+
+
+def _last_good_before(root: Path, bad: Path) -> str:
+    """Names the newest checkpoint older than `bad` that passes its checksums."""
+    for path in reversed([p for p in list_checkpoints(root) if p.name < bad.name]):
+        try:
+            read_state(path)
+        except CheckpointError:
+            continue
+        return f"The last good checkpoint is {path}: resume from it with --resume {path}."
+    return "No earlier checkpoint passes its checksums: start the run again."
 
 
 def load_checkpoint(accelerator: Any, path: Path, scheduler: Any = None) -> dict[str, Any]:

@@ -4,16 +4,20 @@ For people without W&B: the accuracy/cost trade-off (the MobileNet paper's Figur
 against mult-adds and against parameters on a log axis), teacher vs scratch vs distilled per
 student with the spread over seeds, the paper's ImageNet figures where the runs are comparable,
 and every run's raw numbers. Plots are matplotlib PNGs, embedded as data URIs and also written
-next to the HTML.
+next to the HTML. Runs that were shipped (`python -m distill export`, which writes export.json
+beside metrics.json) also get accuracy against measured CPU latency (ONNX Runtime, batch 1,
+one thread), beside accuracy against mult-adds.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import re
 import statistics
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.compare_plots import paper_points, plot
+from distill.export.record import run_latency_ms
 from distill.files import write_text_atomic
 from distill.tracking import ROLES, MetricsFileError, read_metrics_json
 
@@ -53,14 +58,50 @@ def find_metrics_files(paths: Iterable[str | Path]) -> list[Path]:
     return list(found)
 
 
-def load_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Validated metrics.json records; each gets `_source` (the file it came from)."""
+def load_runs(paths: Iterable[str | Path], *, say: Any = None) -> list[dict[str, Any]]:
+    """Validated metrics.json records; each gets `_source` (the file it came from) and
+    `_latency_ms` (from an export.json beside it, else None). A run trained without an
+    evaluation set has nothing to compare: it is left out, and `say` (default: a warning) says
+    so; copies of one run (same configuration and seed) count once, the newest, with a word."""
+    tell = say or (lambda msg: warnings.warn(msg, stacklevel=3))
     runs = []
     for f in find_metrics_files(paths):
-        record = read_metrics_json(f)
+        try:
+            record = read_metrics_json(f)
+        except MetricsFileError:
+            if _without_metrics(f):
+                tell(f"left out {f}: the run has no evaluation metrics (trained without one)")
+                continue
+            raise
         record["_source"] = str(f)
+        record["_latency_ms"] = run_latency_ms(f.parent)  # from its export.json, if any
         runs.append(record)
-    return runs
+    return _one_per_seed(runs, tell)
+
+
+def _without_metrics(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("metrics") == {}
+
+
+def _one_per_seed(runs: list[dict[str, Any]], tell: Any) -> list[dict[str, Any]]:
+    """Copies of a run (a rerun moved aside, a folder copied) would count as extra seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        groups[(r.get("dataset"), r["primary_metric"], *_cell_key(r), r["seed"])].append(r)
+    kept = []
+    for copies in groups.values():
+        copies.sort(key=lambda r: str(r.get("date") or ""))
+        kept.append(copies[-1])
+        if len(copies) > 1:
+            names = ", ".join(r["_source"] for r in copies)
+            tell(f"{len(copies)} runs of one configuration with seed {copies[-1]['seed']} "
+                 f"({names}): counted once, the newest ({copies[-1]['_source']})")  # fmt: skip
+    order = {id(r): i for i, r in enumerate(runs)}
+    return sorted(kept, key=lambda r: order[id(r)])
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -258,7 +299,7 @@ def _cell_table(section: Section, student: str) -> str:
     paper = {(p.alpha, p.resolution): p.top1 for p in paper_points()}
     paper = paper if section.paper_comparable else {}
     head = ["role", "method", "α", "resolution", "T", "kd_weight", f"{section.metric} mean ± std",
-            "seeds", "Δ vs teacher", "Δ vs scratch", "mult-adds", "params", "img/s"]  # fmt: skip
+            "seeds", "Δ vs teacher", "Δ vs scratch", "mult-adds", "params", "training img/s"]  # fmt: skip
     if paper:
         head.append("paper top-1")
     rows = []
@@ -331,7 +372,7 @@ _RAW_COLUMNS: tuple[tuple[str, Any], ...] = (
     ("teacher metrics", lambda r: _metric_list(r["teacher_metrics"])),
     ("mult-adds", lambda r: _count(r["mult_adds"])),
     ("params", lambda r: _count(r["params"])),
-    ("img/s", lambda r: _num(r["images_per_s"], ".0f")),
+    ("training img/s", lambda r: _num(r["images_per_s"], ".0f")),
     ("peak mem", lambda r: _count(r["peak_mem_bytes"])),
     ("steps", lambda r: _num(r["steps"], "d")),
     ("epochs", lambda r: _num(r["epochs"], "g")),
@@ -362,9 +403,12 @@ def _section_html(section: Section, index: int, out: Path) -> str:
         f'<h2 id="s{index}">{_e(section.dataset)} · {_e(section.metric)}</h2>',
         f'<p class="verdict">{_verdict(section)}</p><div class="plots">',
     ]
-    for x_field, label in (("mult_adds", "mult-adds"), ("params", "parameters")):
+    axes = [("mult_adds", "mult-adds"), ("params", "parameters")]
+    if any(r.get("_latency_ms") for r in section.runs):
+        axes.insert(1, ("_latency_ms", "CPU latency"))
+    for x_field, label in axes:
         png = plot(section, x_field, label)
-        name = f"{out.stem}-{sid}-{x_field}.png"
+        name = f"{out.stem}-{sid}-{x_field.strip('_')}.png"
         (out.parent / name).write_bytes(png)
         data = base64.b64encode(png).decode("ascii")
         alt = f"{section.metric} vs {label} on {section.dataset}"
@@ -376,6 +420,14 @@ def _section_html(section: Section, index: int, out: Path) -> str:
         parts.append(
             f'<p class="note">Left off the plots (no mult_adds/params recorded): '
             f"{_e(', '.join(unprofiled))}.</p>"
+        )
+    if len(axes) == 3:
+        shipped = sum(1 for r in section.runs if r.get("_latency_ms"))
+        left = len(section.runs) - shipped
+        parts.append(
+            f'<p class="note">CPU latency: ONNX Runtime fp32, batch 1, one thread, median, from '
+            f"the export.json of the {shipped} exported runs (`python -m distill export`); "
+            f"{left} run{'' if left == 1 else 's'} without one left off that plot.</p>"
         )
     if section.paper_comparable:
         parts.append(

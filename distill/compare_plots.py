@@ -1,7 +1,8 @@
 """The plots of the comparison report: accuracy against mult-adds and against parameters (log
-x), after Howard et al. 2017, Figure 11. One line per student, role, method and width across
-resolutions, seed spread as error bars, the teacher as a star (or dashed lines), and the paper's
-ImageNet points as grey crosses where the runs are comparable."""
+x), after Howard et al. 2017, Figure 11, and against measured CPU latency for exported runs.
+One line per student, role, method and width across resolutions, seed spread as error bars,
+the teacher as a star (or dashed lines), and the paper's ImageNet points as grey crosses where
+the runs are comparable (cost axes only: the paper measured no latency on our CPU)."""
 
 from __future__ import annotations
 
@@ -59,8 +60,12 @@ def _style(role: str, method: str, methods: list[str]) -> dict[str, Any]:
     return {"color": ROLE_COLORS.get(role, "#444444"), "marker": marker}
 
 
+# x axes other than counts in millions: (scale, unit in the axis label)
+_X_UNITS = {"_latency_ms": (1.0, "ms, ONNX Runtime fp32, batch 1, 1 thread, log scale")}
+
+
 def plot(section: Section, x_field: str, x_label: str) -> bytes:
-    """Metric against mult-adds or params (millions, log x); one PNG."""
+    """Metric against mult-adds or params (millions, log x), or latency (ms); one PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -68,6 +73,7 @@ def plot(section: Section, x_field: str, x_label: str) -> bytes:
     fig = Figure(figsize=(6.4, 4.4), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    scale, unit = _X_UNITS.get(x_field, (1e6, "millions, log scale"))
     methods = sorted({c.first["method"] for c in section.cells if c.first["role"] == "distilled"})
     for (role, method, _, _, alpha, *_), cells in _series(section).items():
         style = _style(role, method, methods)
@@ -75,7 +81,7 @@ def plot(section: Section, x_field: str, x_label: str) -> bytes:
         if not cells:
             continue
         cells.sort(key=lambda c: (c.mean_of(x_field) or 0.0, c.first["resolution"] or 0))
-        xs = [(c.mean_of(x_field) or 0.0) / 1e6 for c in cells]
+        xs = [(c.mean_of(x_field) or 0.0) / scale for c in cells]
         ys = [c.mean for c in cells]
         errs = [c.std for c in cells]
         ax.errorbar(
@@ -89,7 +95,11 @@ def plot(section: Section, x_field: str, x_label: str) -> bytes:
                 fontsize=7, color=style["color"],
             )  # fmt: skip
 
-    present = {c.first["role"] for c in section.cells}
+    # on the latency axis, a role none of whose runs was exported is not drawn (the teacher's
+    # score then shows as the dashed line below)
+    present = {
+        c.first["role"] for c in section.cells if x_field not in _X_UNITS or c.mean_of(x_field)
+    }
     handles = []
     for role in (r for r in ROLES if r in present):
         for m in methods if role == "distilled" else [""]:
@@ -103,7 +113,7 @@ def plot(section: Section, x_field: str, x_label: str) -> bytes:
             label = "teacher (runs' teacher_metrics)"
             if not any(h.get_label() == label for h in handles):
                 handles.append(Line2D([], [], color=ROLE_COLORS["teacher"], ls="--", label=label))
-    if section.paper_comparable:
+    if section.paper_comparable and x_field in ("mult_adds", "params"):
         pts = paper_points()
         px = [(p.mult_adds_m if x_field == "mult_adds" else p.params_m) for p in pts]
         ax.scatter(px, [p.top1 for p in pts], marker="x", color=PAPER_COLOR, zorder=3)
@@ -115,7 +125,7 @@ def plot(section: Section, x_field: str, x_label: str) -> bytes:
         label = "Howard et al. 2017, ImageNet"
         handles.append(Line2D([], [], color=PAPER_COLOR, marker="x", ls="none", label=label))
     ax.set_xscale("log")
-    ax.set_xlabel(f"{x_label} (millions, log scale)")
+    ax.set_xlabel(f"{x_label} ({unit})")
     better = "higher is better" if section.higher_is_better else "lower is better"
     ax.set_ylabel(f"{section.metric} ({better})")
     ax.set_title(f"{section.metric} vs {x_label} — {section.dataset}", fontsize=10)

@@ -21,7 +21,8 @@ T = TypeVar("T")
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
 OnNonFinite = Literal["raise", "skip"]
-ReportTo = Literal["none", "wandb"]
+ReportTo = Literal["none", "wandb", "tensorboard", "mlflow"]  # accelerate's trackers
+TeacherDtype = Literal["auto", "fp32", "bf16", "fp16"]  # distill.teacher.auto_teacher_dtype
 Task = Literal["auto"] | TaskKind  # auto: the teacher's kind, else logits
 
 
@@ -204,6 +205,16 @@ class DistillerConfig:
     export_student: bool = True
     check_compatible: bool = True
     cached_teacher: bool = False  # batches carry "teacher_logits": no teacher model needed
+    # the frozen teacher's weights, apart from the student's precision; auto: bf16 on CUDA
+    # GPUs with bf16 tensor cores, else fp32 (distill.teacher.auto_teacher_dtype)
+    teacher_dtype: TeacherDtype = "auto"
+    # the run folder (distill.run_folder): a folder holding another run is refused unless
+    # overwrite (the old run is moved aside); a stale lock is cleared with break_lock; a resume
+    # that would change what the run is is refused unless allow_resume_changes (then recorded)
+    overwrite: bool = False
+    break_lock: bool = False
+    allow_resume_changes: bool = False
+    collective_timeout_s: float = 600.0  # a process that waits longer on the others gives up
     run_info: dict[str, Any] = field(default_factory=dict)  # role, method, alpha, ... for reports
     tracker_init_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. wandb group/tags
 
@@ -223,9 +234,12 @@ class DistillerConfig:
             ("on_nonfinite", get_args(OnNonFinite)),
             ("task", ("auto", *TASK_KINDS)),
             ("report_to", get_args(ReportTo)),
+            ("teacher_dtype", get_args(TeacherDtype)),
         ):
             if getattr(self, name) not in allowed:
                 p.append(f"{name} must be {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if not self.collective_timeout_s > 0:
+            p.append(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             p.append(f"max_grad_norm must be > 0 or unset, got {self.max_grad_norm}")
         return p
@@ -234,14 +248,21 @@ class DistillerConfig:
 def make_accelerator(config: DistillerConfig) -> Any:
     """The Accelerator the Distiller makes for itself: seedable sampler (exact resume),
     scheduler stepped by the loop, W&B when report_to="wandb". Recipes call it too."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
     cfg = config
+    # a rank that died leaves the others waiting in a collective: they give up after this
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))
     return Accelerator(
+        kwargs_handlers=[timeout],
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
-        log_with="wandb" if cfg.report_to == "wandb" else None,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        # tensorboard and mlflow write under the run folder (<output_dir>/<project>/...)
+        project_dir=cfg.output_dir if cfg.report_to in ("tensorboard", "mlflow") else None,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         step_scheduler_with_optimizer=False,
     )

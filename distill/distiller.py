@@ -6,9 +6,8 @@ the `"loss"` it returns. Accelerate owns device placement, DDP, mixed precision,
 accumulation and trackers; the teacher is moved to the device but never wrapped in DDP nor
 written into checkpoints.
 
-The loop calls parts that live in their own modules: `seeding` (exact resume), `guards`
-(preflight, non-finite losses), `step` (student + objective), `evaluation` (one evaluator per
-task kind), `timing`, `checkpoint`, `run_record` (metrics.json) and `outputs`.
+It calls parts that live in their own modules: `run_folder` (lock, reruns), `seeding`, `guards`,
+`step`, `evaluation` (one evaluator per task kind), `timing`, `checkpoint`, `run_record`, `outputs`.
 
 Exact resume: the random state is re-seeded from (seed, epoch, batch index, rank) before
 every batch is fetched, and batches already seen are skipped, so a run interrupted at any
@@ -27,29 +26,22 @@ import torch
 from torch import Tensor, nn
 
 from distill import checkpoint as ckpt
+from distill import evaluation as ev
+from distill import step as st
 from distill.config import DistillerConfig, make_accelerator, validate
 from distill.data.skipping import SkipLog, take_skipped
-from distill.evaluation import evaluate_loader, make_evaluator, student_net, teacher_net
 from distill.files import progress_bar, write_json_atomic
 from distill.guards import NonFiniteLossError, NonFiniteWatch, all_finite, check_weights_finite
-from distill.guards import preflight as _preflight
 from distill.outputs import export_student, read_metrics, write_outputs
 from distill.profiling import student_cost
+from distill.run_folder import check_resume, claim_folder, kept_record, on_main
 from distill.run_record import build_record
 from distill.seeding import seed_batch, seed_everything, seeded_loader
-from distill.step import (
-    FunctionObjective,
-    LossWindow,
-    StudentStep,
-    channels_last,
-    check_optimizer,
-    epoch_length,
-    total_steps,
-)
+from distill.step import LossWindow
 from distill.teacher import Teacher, as_teacher
 from distill.timing import Throughput
-from distill.tracking import loggable_config, start_trackers
-from distill.types import Batch, Outputs, TaskKind, split_batch, to_device
+from distill.tracking import end_trackers, loggable_config, start_trackers
+from distill.types import Batch, TaskKind, split_batch, to_device
 
 
 class Distiller:
@@ -84,26 +76,11 @@ class Distiller:
     ) -> None:
         self.config = config or DistillerConfig()
         validate(self.config, "DistillerConfig")
-        if not isinstance(objective, nn.Module):
-            objective = FunctionObjective(objective)
         self.teacher = as_teacher(teacher)
-        needs = getattr(objective, "needs_teacher", True) and not self.config.cached_teacher
-        if needs and self.teacher is None:
-            raise ValueError(
-                f"{type(objective).__name__} distils from a teacher, but teacher is None. Pass a "
-                "Teacher, or use distill.losses.CrossEntropy to train from labels alone."
-            )
-        check_optimizer(student, objective, optimizer)
-        teacher_features: dict[str, str] = getattr(objective, "teacher_features", None) or {}
-        if self.teacher is not None and teacher_features:
-            self.teacher.add_features(teacher_features)
-        if self.config.channels_last:
-            student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-            if self.teacher is not None:
-                self.teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        objective = st.wire(student, self.teacher, objective, optimizer, self.config)
         self.student = student
         self.objective = objective
-        self.step_module: nn.Module = StudentStep(student, objective)
+        self.step_module: nn.Module = st.StudentStep(student, objective)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.accelerator = accelerator or make_accelerator(self.config)
@@ -115,6 +92,10 @@ class Distiller:
         self._history: list[dict[str, float]] = []
         self._input_shape: tuple[int, ...] | None = None
         self._train_len = 0
+        self._resumes: list[dict[str, Any]] = []  # accepted changes of settings on resume
+        self._dataset: str | None = None
+        self._fitted = False
+        self._teacher_metrics: dict[str, float] | None = None
         self.output_dir = Path(self.config.output_dir)
         if example_input is not None:
             self._check_compat(example_input)
@@ -142,24 +123,18 @@ class Distiller:
         acc = self.accelerator
         if not self._prepared:
             seed_everything(self.config.seed)
+            # The forwards, in place: state dicts keep their keys (no "_orig_mod."). Not
+            # Module.compile(): torch 2.11 leaves built-in containers (nn.Sequential) eager.
             if self.config.compile:
-                step: Any = self.step_module
-                step.student = torch.compile(step.student)
-                if self.teacher is not None:
-                    self.teacher.model = torch.compile(self.teacher.model)  # type: ignore[assignment]
+                models = [self.student] + ([self.teacher.model] if self.teacher is not None else [])
+                for m in models:
+                    m.forward = torch.compile(m.forward)  # type: ignore[method-assign]
             self.step_module, self.optimizer = acc.prepare(self.step_module, self.optimizer)
-            if self.teacher is not None:
+            if self.teacher is not None:  # cast first: half the bytes to move to the device
+                self.teacher.to_precision(self.config.teacher_dtype, acc.device)
                 self.teacher.to(acc.device)
             self._prepared = True
-        return self._prepare_loader(train_loader), self._prepare_loader(eval_loader)
-
-    def _prepare_loader(self, loader: Any) -> Any:
-        if loader is None:
-            return None
-        # a stream already split per process (split_dataset_by_node) must not be sharded again
-        if getattr(getattr(loader, "dataset", None), "sharded_by_node", False):
-            return loader
-        return self.accelerator.prepare(loader)
+        return st.prepare_loader(acc, train_loader), st.prepare_loader(acc, eval_loader)
 
     @property
     def unwrapped_student(self) -> nn.Module:
@@ -173,48 +148,63 @@ class Distiller:
         if state is None:
             return False
         self.progress = ckpt.Progress.from_state(state)
+        self._resumes = list(state.get("resume_changes", []))
+        change = check_resume(
+            state.get("config") or {}, self._loggable_config(), self.config, self.accelerator.print
+        )
+        if change:
+            self._resumes.append({"step": self.progress.step, "changes": change})
         self._history = state.get("history", [])
         if self.accelerator.is_main_process and state.get("skipped_images"):
             self.skip_log = SkipLog.from_dict(state["skipped_images"])  # merged over ranks
         return True
 
     # ---------------------------------------------------------------- training
-    def _teacher_outputs(self, b: Batch) -> Outputs | None:
-        if b.teacher_cached is not None:
-            return b.teacher_cached
-        if not getattr(self.objective, "needs_teacher", True):
-            return None
-        if self.teacher is None:
-            raise ValueError(
-                "cached_teacher=True but this batch has no 'teacher_logits': build the loader "
-                "from a teacher cache (distill.data.teacher_cache.CachedDataset), or pass a Teacher"
-            )
-        cl = self.config.channels_last
-        with self.accelerator.autocast():
-            if b.teacher_input is not None:
-                x = channels_last(b.teacher_input) if cl else b.teacher_input
-                return self.teacher(x, prepared=True)
-            return self.teacher(channels_last(b.input) if cl else b.input)
-
     def fit(
         self, train_loader: Iterable[Any], eval_loader: Iterable[Any] | None = None
     ) -> dict[str, Any]:
         """Train to `max_steps` (or `epochs`), evaluating/saving as configured.
 
         Returns the final eval metrics (empty without an eval loader). Writes checkpoints,
-        `config.json`, `metrics.json` and `student.safetensors` into `output_dir`.
+        `config.json`, `metrics.json` and `student.safetensors` into `output_dir`, holding its
+        lock meanwhile (distill.run_folder). Resuming a finished run keeps its record as it is.
         """
+        cfg = self.config
+        lock = on_main(
+            self.accelerator,
+            lambda: claim_folder(
+                self.output_dir,
+                cfg,
+                fresh=cfg.resume is None and not self._fitted,  # a 2nd fit() continues its run
+                trained=self.step_module,
+                exported=self.student,
+                say=self.accelerator.print,
+            ),
+        )
+        try:
+            result = self._fit(train_loader, eval_loader)
+            self._fitted = True
+            return result
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(
+        self, train_loader: Iterable[Any], eval_loader: Iterable[Any] | None
+    ) -> dict[str, Any]:
         acc = self.accelerator
-        if acc.is_main_process:
-            _preflight(
-                self.output_dir, self.step_module, self.student, self.config.keep_checkpoints
-            )
         train_loader, seeded = seeded_loader(train_loader, self.config.seed)
         train_loader, eval_loader = self._prepare(train_loader, eval_loader)
-        total = total_steps(train_loader, self.config)
-        self._train_len = epoch_length(train_loader)
+        total = st.total_steps(train_loader, self.config)
+        self._train_len = st.epoch_length(train_loader)
         root = self.output_dir / "checkpoints"
         resumed = self._resume(root)
+        if resumed and self.progress.step >= total:
+            kept = kept_record(self.output_dir, self.progress.step, acc.print)
+            if kept is not None:  # a finished run requeued: its record stays as it was
+                self.summary = kept
+                return dict(kept["metrics"])
+        self._dataset = st.dataset_name(train_loader)
         start_trackers(self.accelerator, self.config, self._loggable_config())
         if acc.is_main_process:
             write_json_atomic(self.output_dir / "config.json", self._loggable_config())
@@ -230,7 +220,7 @@ class Distiller:
             saved = self._run_epoch(train_loader, seeded, eval_loader, total, timer, window, bar)
             last_saved = saved if saved is not None else last_saved
         bar.close()
-        window.watch.raise_if_bad(root)
+        window.watch.raise_if_bad(root, acc)
         if last_saved != self.progress.step:
             with timer.pause("checkpoint"):
                 self._save(root)
@@ -239,8 +229,7 @@ class Distiller:
         if eval_loader is not None:
             with timer.pause("eval"):
                 last_eval = self._eval_and_log(eval_loader)
-                if self.teacher is not None and self.config.run_info.get("evaluate_teacher", True):
-                    teacher_metrics = self.evaluate(eval_loader, model="teacher", _prepared=True)
+                teacher_metrics = self._teacher_scores(eval_loader)
         self._finish(last_eval, teacher_metrics, timer)
         return last_eval
 
@@ -256,13 +245,13 @@ class Distiller:
             final=final,
             teacher_metrics=teacher_metrics,
             task=self.task,
-            defaults={
-                "role": "distilled" if self.teacher is not None else "scratch",
-                "method": type(self.objective).__name__,
-                "student": type(self.unwrapped_student).__name__,
-                "teacher": self.teacher.name if self.teacher is not None else None,
-                "resolution": self._input_shape[-1] if self._input_shape else None,
-            },
+            defaults=st.describe_run(
+                self.unwrapped_student,
+                self.teacher,
+                self.objective,
+                dataset=self._dataset,
+                input_shape=self._input_shape,
+            ),
             cost=student_cost(self.unwrapped_student, self._input_shape),
             timer=timer,
             progress={
@@ -271,10 +260,13 @@ class Distiller:
             },
             accelerator=acc,
         )
+        if self._resumes:
+            record.info["resume_changes"] = self._resumes
+        st.sync_buffers(self.step_module, acc)
         student = self.unwrapped_student if self.config.export_student else None
         self.summary = write_outputs(acc, self.output_dir, record, student=student, skipped=skipped)
         acc.wait_for_everyone()
-        acc.end_training()
+        end_trackers(acc)  # the process group stays: evaluate() and another fit() still work
 
     def _run_epoch(
         self,
@@ -328,7 +320,7 @@ class Distiller:
                     self._eval_and_log(eval_loader)
                 self.step_module.train()
             if cfg.save_at_epoch_end:
-                window.watch.raise_if_bad(root)
+                window.watch.raise_if_bad(root, acc)
                 with timer.pause("checkpoint"):
                     self._save(root)
                 saved = p.step
@@ -365,8 +357,8 @@ class Distiller:
         root = self.output_dir / "checkpoints"
         want_save = cfg.save_every is not None and p.step % cfg.save_every == 0
         if p.step % cfg.log_every == 0 or want_save or p.step == total:
-            window.watch.raise_if_bad(root)
-            self._log_train(*window.take(), timer.images_per_s(), bar)
+            window.watch.raise_if_bad(root, self.accelerator)
+            self._log_train(window, timer.images_per_s(), bar)
         saved = None
         if want_save:
             with timer.pause("checkpoint"):
@@ -384,8 +376,10 @@ class Distiller:
         Returns the loss parts and whether the batch was skipped for a non-finite loss
         (only with on_nonfinite="skip", which costs one host sync per batch)."""
         acc, cfg = self.accelerator, self.config
-        t_out = self._teacher_outputs(b)
-        x = channels_last(b.input) if cfg.channels_last else b.input
+        t_out = st.teacher_outputs(
+            self.teacher, self.objective, b, acc, to_channels_last=cfg.channels_last
+        )
+        x = st.channels_last(b.input) if cfg.channels_last else b.input
         skipped = False
         with acc.accumulate(self.step_module):
             with acc.autocast():
@@ -404,10 +398,12 @@ class Distiller:
 
     def _save(self, root: Path) -> None:
         p = self.progress
+        st.sync_buffers(self.step_module, self.accelerator)  # what is saved is what each rank has
         check_weights_finite(self.step_module, p.step, root)
         gathered = self.gathered_skips()
         state = {
             **dataclasses.asdict(p),
+            "resume_changes": self._resumes,
             "accelerate_iteration": int(self.accelerator.project_configuration.iteration) + 1,
             "history": self._history[-1000:],
             "config": self._loggable_config(),
@@ -423,37 +419,37 @@ class Distiller:
         return self.skip_log.all_gather() if self.accelerator.num_processes > 1 else self.skip_log
 
     # ---------------------------------------------------------------- logging
-    def _log_train(self, sums: dict[str, Tensor], n: int, images_per_s: float, bar: Any) -> None:
-        if n == 0 or not sums:  # nothing since the last row (every batch skipped)
+    def _log_train(self, window: LossWindow, images_per_s: float, bar: Any) -> None:
+        p, lr = self.progress, float(self.optimizer.param_groups[0]["lr"])
+        row = window.take_row(self.accelerator, lr=lr, images_per_s=images_per_s, epoch=p.epoch)
+        if not row:  # nothing since the last row (every batch skipped)
             return
-        acc = self.accelerator
-        keys = sorted(sums)
-        vec = torch.stack([sums[k] / n for k in keys])
-        vec = acc.reduce(vec, reduction="mean") if acc.num_processes > 1 else vec
-        values = dict(zip(keys, vec.tolist()))
-        row = {f"train/{k}": v for k, v in values.items()}
-        row["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
-        row["train/images_per_s"] = images_per_s
-        row["train/epoch"] = float(self.progress.epoch)
-        self._history.append({"step": self.progress.step, **row})
-        acc.log(row, step=self.progress.step)
-        bar.set_postfix(
-            {k: f"{v:.4g}" for k, v in values.items()} | {"img/s": f"{images_per_s:.0f}"}
-        )
+        self._history.append({"step": p.step, **row})
+        self.accelerator.log(row, step=p.step)
+        bar.set_postfix({k.removeprefix("train/"): f"{v:.4g}" for k, v in row.items()})
 
     def _eval_and_log(self, loader: Any) -> dict[str, float]:
         result = self.evaluate(loader, _prepared=True)
         row = {f"eval/{k}": v for k, v in result.items()}
         self._history.append({"step": self.progress.step, **row})
         self.accelerator.log(row, step=self.progress.step)
-        self.accelerator.print(
-            f"step {self.progress.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items())
-        )
+        teacher = self._teacher_scores(loader)  # evaluated once: the teacher does not change
+        self.accelerator.print(f"step {self.progress.step}: {ev.score_line(result, teacher)}")
         return result
+
+    def _teacher_scores(self, loader: Any) -> dict[str, float] | None:
+        if self.teacher is None or not self.config.run_info.get("evaluate_teacher", True):
+            return None
+        if self._teacher_metrics is None:
+            self._teacher_metrics = self.evaluate(loader, model="teacher", _prepared=True)
+        return self._teacher_metrics
 
     def _loggable_config(self) -> dict[str, Any]:
         teacher = self.teacher.meta if self.teacher is not None else None
-        return loggable_config(self.config, teacher, type(self.objective).__name__)
+        objective = type(self.objective).__name__
+        return loggable_config(
+            self.config, teacher, objective, st.describe_objective(self.objective)
+        )
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(
@@ -472,18 +468,23 @@ class Distiller:
             _, loader = self._prepare(None, loader)
         if model == "teacher" and self.teacher is None:
             raise ValueError("there is no teacher to evaluate")
-        evaluator = make_evaluator(self.task)
+        evaluator = ev.make_evaluator(self.task, self.objective)  # e.g. its missing_label
         acc = self.accelerator
         if model == "teacher":
             assert self.teacher is not None
-            net = teacher_net(self.teacher)
-            return evaluate_loader(net, loader, evaluator, accelerator=acc, skip_log=self.skip_log)
+            net = ev.teacher_net(self.teacher)
+            return ev.evaluate_loader(
+                net, loader, evaluator, accelerator=acc, skip_log=self.skip_log
+            )
+        st.sync_buffers(self.step_module, acc)  # every rank evaluates the student that is saved
         student = self.accelerator.unwrap_model(self.step_module).student
         was = student.training
         student.eval()
         try:
-            net = student_net(student, channels_last=self.config.channels_last)
-            return evaluate_loader(net, loader, evaluator, accelerator=acc, skip_log=self.skip_log)
+            net = ev.student_net(student, channels_last=self.config.channels_last)
+            return ev.evaluate_loader(
+                net, loader, evaluator, accelerator=acc, skip_log=self.skip_log
+            )
         finally:
             student.train(was)
 

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,10 +78,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private: give it a file's usual mode
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(
@@ -121,13 +129,44 @@ class _NoBar:
     def close(self) -> None: ...
 
 
+class _LineBar:
+    """Progress as plain lines on stderr, about every 5% (and at least every 60 s): what a log
+    file or a cluster job's output gets instead of a bar redrawn in place."""
+
+    def __init__(self, total: int | None, desc: str, unit: str, initial: int) -> None:
+        self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+        self.every = max(1, (total or 0) // 20)
+        self.start = self.last = time.monotonic()
+        self.first = initial
+        self.postfix = ""
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if (self.n - self.first) % self.every == 0 or self.n == self.total or now - self.last > 60:
+            self.last = now
+            rate = (self.n - self.first) / max(now - self.start, 1e-9)
+            of = f"/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else ""
+            eta = f", eta {(self.total - self.n) / rate:.0f} s" if self.total and rate > 0 else ""
+            line = f"{self.desc}: {self.n}{of} {self.unit}s, {rate:.3g} {self.unit}/s{eta}"
+            print(line + (f", {self.postfix}" if self.postfix else ""), file=sys.stderr)
+
+    def set_postfix(self, values: Any = None, **kwargs: Any) -> None:
+        items = {**dict(values or {}), **kwargs}
+        self.postfix = ", ".join(f"{k} {v}" for k, v in items.items())
+
+    def close(self) -> None: ...
+
+
 def progress_bar(
     total: int | None, *, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True
 ) -> Any:
-    """A tqdm bar on stderr (rate and ETA), or an object with the same methods that prints
-    nothing when `enabled` is False."""
+    """A tqdm bar on stderr (rate and ETA) on a terminal; plain periodic lines when stderr is
+    not one (a log file, a cluster job); nothing when `enabled` is False."""
     if not enabled:
         return _NoBar()
+    if not sys.stderr.isatty():
+        return _LineBar(total, desc, unit, initial)
     from tqdm.auto import tqdm
 
     return tqdm(

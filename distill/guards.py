@@ -22,6 +22,7 @@ from distill import checkpoint as ckpt
 __all__ = [
     "NonFiniteLossError",
     "NonFiniteWatch",
+    "all_finite",
     "check_weights_finite",
     "check_writable",
     "preflight",
@@ -85,16 +86,31 @@ class NonFiniteWatch:
                 prev = torch.zeros((), dtype=torch.bool, device=self.device)
             self.bad_parts[k] = prev | (newly_bad & ~torch.isfinite(v.detach()))
 
-    def raise_if_bad(self, checkpoints: Path) -> None:
-        """One host sync: raise NonFiniteLossError if a non-finite step was recorded."""
-        step = int(self.bad_step.item())
-        if step < 0:
+    def raise_if_bad(self, checkpoints: Path, accelerator: Any = None) -> None:
+        """Raise NonFiniteLossError if a non-finite step was recorded, on every process at once
+        when one of them recorded it (one host sync; a gather under several processes)."""
+        world = accelerator.num_processes if accelerator is not None else 1
+        steps = [int(self.bad_step.item())]
+        if world > 1:
+            steps = [int(s) for s in accelerator.gather(self.bad_step.reshape(1)).tolist()]
+        bad = [(s, rank) for rank, s in enumerate(steps) if s >= 0]
+        if not bad:
             return
-        names = [k for k, v in self.bad_parts.items() if bool(v)] or ["loss"]
+        step, rank = min(bad)
+        names = [k for k, v in self.bad_parts.items() if bool(v)]
+        if world > 1:
+            import torch.distributed as dist
+
+            everyone: list[Any] = [None] * world
+            dist.all_gather_object(everyone, names)
+            names = everyone[rank]
+            where = f" on rank {rank} of {world} (ranks {', '.join(str(r) for _, r in bad)})"
+        else:
+            where = ""
         raise NonFiniteLossError(
-            f"loss became non-finite at step {step} (parts: {', '.join(names)}); "
-            f"{_last_good(checkpoints)}. Lower the learning rate or temperature, check the "
-            "inputs, or set on_nonfinite='skip' to drop such batches."
+            f"loss became non-finite at step {step} (parts: {', '.join(names or ['loss'])})"
+            f"{where}; {_last_good(checkpoints)}. Lower the learning rate or temperature, check "
+            "the inputs, or set on_nonfinite='skip' to drop such batches."
         )
 
 

@@ -10,6 +10,7 @@ output_dir/
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -45,15 +46,32 @@ def write_outputs(
     written (every process gets the record's dict)."""
     if not accelerator.is_main_process:
         return record.to_dict()
-    if skipped.total:
-        print(skipped.report(), file=sys.stderr)
-        write_json_atomic(output_dir / "skipped.json", skipped.to_dict())
-    if student is not None:
-        export_student(student, output_dir / "student.safetensors")
-    written = write_run_record(output_dir / "metrics.json", record)
+    try:
+        if skipped.total:
+            print(skipped.report(), file=sys.stderr)
+            write_json_atomic(output_dir / "skipped.json", skipped.to_dict())
+        if student is not None:
+            export_student(student, output_dir / "student.safetensors")
+        written = write_run_record(output_dir / "metrics.json", record)
+    except OSError as e:
+        raise _outputs_failed(e, output_dir) from e
     if accelerator.log_with:
         log_run_summary(accelerator, written)
     return written
+
+
+def _outputs_failed(err: OSError, output_dir: Path) -> Exception:
+    """Training is done and checkpointed; only the outputs are missing: say how to get them."""
+    from distill.checkpoint import CheckpointError, find_latest
+
+    what = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else str(err)
+    last = find_latest(output_dir / "checkpoints")
+    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+    return CheckpointError(
+        f"training finished, but its outputs (student.safetensors, metrics.json) could not be "
+        f"written: {what}. Nothing written before was lost; {where}. Free some space and rerun "
+        "with --resume latest (resume='latest'): it evaluates that checkpoint and writes them."
+    )
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:

@@ -35,6 +35,7 @@ __all__ = [
     "load_checkpoint",
     "load_state_dict",
     "save_safetensors",
+    "unsafe_message",
     "unwrap_state_dict",
     "verify_sha256",
 ]
@@ -238,6 +239,11 @@ def _format_of(file: Path) -> str:
         f"{file}: unknown checkpoint format; use a .safetensors file (preferred) or a torch.save "
         f"file ending in one of {', '.join(TORCH_SUFFIXES)}"
     )
+
+
+def unsafe_message(file: Path, err: Exception) -> str:
+    """The refusal of a pickle `file` that `torch.load(weights_only=True)` would not load."""
+    return _unsafe_message(file, err)
 
 
 def _unsafe_message(file: Path, err: Exception) -> str:

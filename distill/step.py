@@ -22,8 +22,15 @@ __all__ = [
     "StudentStep",
     "channels_last",
     "check_optimizer",
+    "dataset_name",
+    "describe_objective",
+    "describe_run",
     "epoch_length",
+    "prepare_loader",
+    "sync_buffers",
+    "teacher_outputs",
     "total_steps",
+    "wire",
 ]
 
 
@@ -83,9 +90,23 @@ class LossWindow:
             self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.n += 1  # skipped batches (agreed by all ranks) are not averaged
 
-    def take(self) -> tuple[dict[str, Tensor], int]:
-        out, self.sums, n, self.n = self.sums, {}, self.n, 0
-        return out, n
+    def take_row(
+        self, accelerator: Any, *, lr: float, images_per_s: float, epoch: int
+    ) -> dict[str, float]:
+        """The log row of the window (loss parts averaged over its batches and the processes,
+        "train/" keys), then an empty window; {} when the window saw no batch."""
+        sums, n, self.sums, self.n = self.sums, self.n, {}, 0
+        if n == 0 or not sums:
+            return {}
+        keys = sorted(sums)
+        vec = torch.stack([sums[k] / n for k in keys])
+        if accelerator.num_processes > 1:
+            vec = accelerator.reduce(vec, reduction="mean")
+        row = {f"train/{k}": v for k, v in zip(keys, vec.tolist())}
+        row.update(
+            {"train/lr": lr, "train/images_per_s": images_per_s, "train/epoch": float(epoch)}
+        )
+        return row
 
 
 def check_optimizer(student: nn.Module, objective: nn.Module, optimizer: Any) -> None:
@@ -101,6 +122,16 @@ def check_optimizer(student: nn.Module, objective: nn.Module, optimizer: Any) ->
         )
     if not any(id(p) in in_opt for p in student.parameters()):
         raise ValueError("the optimizer holds none of the student's parameters")
+
+
+def prepare_loader(accelerator: Any, loader: Any) -> Any:
+    """`accelerator.prepare(loader)`, except for None and for a stream already split per
+    process (`split_dataset_by_node`), which must not be sharded again."""
+    if loader is None:
+        return None
+    if getattr(getattr(loader, "dataset", None), "sharded_by_node", False):
+        return loader
+    return accelerator.prepare(loader)
 
 
 def epoch_length(loader: Any) -> int:
@@ -120,3 +151,120 @@ def total_steps(loader: Any, config: Any) -> int:
     except TypeError:
         raise ValueError("this data loader has no length (streaming data): set max_steps") from None
     return int(config.epochs * math.ceil(n / config.grad_accum_steps))
+
+
+def teacher_outputs(
+    teacher: Any, objective: nn.Module, b: Any, accelerator: Any, *, to_channels_last: bool
+) -> Outputs | None:
+    """The teacher's answer for batch `b`: the cached one it carries, none when the objective
+    needs no teacher, else the Teacher run on its own view of the batch (or on the student's,
+    which it converts itself)."""
+    if b.teacher_cached is not None:
+        return b.teacher_cached  # type: ignore[no-any-return]
+    if not getattr(objective, "needs_teacher", True):
+        return None
+    if teacher is None:
+        raise ValueError(
+            "cached_teacher=True but this batch has no 'teacher_logits': build the loader "
+            "from a teacher cache (distill.data.teacher_cache.CachedDataset), or pass a Teacher"
+        )
+    x, prepared = (b.teacher_input, True) if b.teacher_input is not None else (b.input, False)
+    with accelerator.autocast():
+        return teacher(channels_last(x) if to_channels_last else x, prepared=prepared)  # type: ignore[no-any-return]
+
+
+def sync_buffers(module: nn.Module, accelerator: Any) -> None:
+    """Make every process hold the same buffers (BatchNorm running statistics drift apart, as
+    each process updates them from its own batches): floating buffers are averaged, the others
+    (counters) taken from the main process. What is then evaluated is what is saved."""
+    if accelerator.num_processes < 2:
+        return
+    import torch.distributed as dist
+
+    world = accelerator.num_processes
+    with torch.no_grad():
+        for buf in module.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf.div_(world)
+            else:
+                dist.broadcast(buf, src=0)
+
+
+def describe_objective(objective: nn.Module) -> dict[str, Any]:
+    """What the run record says of an objective: its registered name (distill.losses.LOSSES),
+    its temperature, and the weight of its teacher term (`kd_weight`) where it has one."""
+    from distill.losses import LOSSES, KDLoss, MultiLabelKDLoss
+
+    names: dict[type, str] = {cls: name for name, cls in LOSSES.items()}
+    inner = getattr(objective, "inner", objective)  # a wrapper (tests) shows its objective
+    kd_weight = inner.alpha if isinstance(inner, (KDLoss, MultiLabelKDLoss)) else None
+    temperature = getattr(inner, "temperature", None)
+    return {
+        "method": names.get(type(inner), type(inner).__name__),
+        "temperature": float(temperature) if isinstance(temperature, (int, float)) else None,
+        "kd_weight": float(kd_weight) if isinstance(kd_weight, (int, float)) else None,
+    }
+
+
+def dataset_name(loader: Any) -> str | None:
+    """The name of the data a loader reads: a dataset's `name`, else its class name (through
+    the wrappers the project puts around datasets)."""
+    ds = getattr(loader, "dataset", None)
+    for _ in range(8):  # SeededDataset > SkipBadSamples > Subset > the dataset
+        inner = getattr(ds, "dataset", None)
+        if inner is None or isinstance(inner, str):
+            break
+        ds = inner
+    if ds is None:
+        return None
+    name = getattr(ds, "name", None)
+    return name if isinstance(name, str) and name else type(ds).__name__
+
+
+def describe_run(
+    student: nn.Module,
+    teacher: Any,
+    objective: nn.Module,
+    *,
+    dataset: str | None,
+    input_shape: tuple[int, ...] | None,
+) -> dict[str, Any]:
+    """What a run is, read from its parts (the record's defaults where run_info does not say,
+    as in runs made through the Python API)."""
+    alpha = getattr(student, "alpha", None)  # MobileNetV1's width multiplier
+    return {
+        "role": "distilled" if teacher is not None else "scratch",
+        **describe_objective(objective),
+        "student": getattr(student, "name", None) or type(student).__name__,
+        "teacher": teacher.name if teacher is not None else None,
+        "dataset": dataset,
+        "alpha": float(alpha) if isinstance(alpha, (int, float)) else None,
+        "resolution": input_shape[-1] if input_shape else None,
+    }
+
+
+def wire(
+    student: nn.Module, teacher: Any, objective: Any, optimizer: Any, config: Any
+) -> nn.Module:
+    """Check that the parts of a run fit and connect them: a plain function becomes an
+    objective, an objective that distils needs a teacher (or cached outputs), the optimizer
+    holds what trains, the teacher captures the features the objective reads, and both models
+    take channels-last memory when asked. Returns the objective."""
+    if not isinstance(objective, nn.Module):
+        objective = FunctionObjective(objective)
+    needs = getattr(objective, "needs_teacher", True) and not config.cached_teacher
+    if needs and teacher is None:
+        raise ValueError(
+            f"{type(objective).__name__} distils from a teacher, but teacher is None. Pass a "
+            "Teacher, or use distill.losses.CrossEntropy to train from labels alone."
+        )
+    check_optimizer(student, objective, optimizer)
+    teacher_features: dict[str, str] = getattr(objective, "teacher_features", None) or {}
+    if teacher is not None and teacher_features:
+        teacher.add_features(teacher_features)
+    if config.channels_last:
+        student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if teacher is not None:
+            teacher.to(memory_format=torch.channels_last)
+    return objective

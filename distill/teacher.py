@@ -4,17 +4,24 @@ A Teacher owns freezing, eval mode and input conversion, so neither the loop nor
 need to know about them. A student trained at 128 px against a 224 px teacher is the paper's
 resolution multiplier at work: the Teacher resizes and re-normalises the student's batch on
 the device it is already on.
+
+Being frozen, a teacher can also run in a lower precision than its student
+(`Teacher.to_precision`, `DistillerConfig.teacher_dtype`): its weights are cast once, each batch
+is converted in float32 and then cast, and its outputs reach the loss in float32.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from contextlib import nullcontext
+from typing import Any, cast, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.config import TeacherDtype
 from distill.types import IMAGENET_MEAN, IMAGENET_STD, TASK_KINDS, Outputs, TaskKind
 
 OutputKind = TaskKind  # what the teacher outputs is the task kind its student is evaluated on
@@ -26,9 +33,45 @@ __all__ = [
     "FeatureHooks",
     "OutputKind",
     "Teacher",
+    "TeacherDtype",
     "as_teacher",
+    "auto_teacher_dtype",
     "check_teacher_outputs",
+    "teacher_dtype",
 ]
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def auto_teacher_dtype(device: torch.device | str) -> torch.dtype:
+    """The teacher precision `"auto"` picks on `device`: bf16 on CUDA devices that run it
+    natively (Ampere and later: half the weight traffic, tensor-core matmuls, fp32's range),
+    fp32 everywhere else. On the CPU bf16 is only faster with AVX512-BF16/AMX and changes the
+    teacher's numbers with the machine a test runs on; fp16 is never picked, as its range
+    (65504) can overflow in a teacher's activations: choose it explicitly."""
+    device = torch.device(device)
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    if cuda and torch.cuda.get_device_capability(device) >= (8, 0):  # bf16 tensor cores
+        return torch.bfloat16
+    return torch.float32
+
+
+def teacher_dtype(precision: TeacherDtype | torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The torch dtype of a teacher precision name ("auto" resolved for `device`)."""
+    if isinstance(precision, torch.dtype):
+        if precision not in DTYPES.values():
+            raise ValueError(f"a teacher runs in float32, bfloat16 or float16, not {precision}")
+        return precision
+    if precision == "auto":
+        return auto_teacher_dtype(device)
+    if precision not in DTYPES:
+        allowed = ", ".join(get_args(TeacherDtype))
+        raise ValueError(f"teacher precision must be one of {allowed}; got {precision!r}")
+    return DTYPES[precision]
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -215,28 +258,65 @@ class Teacher(nn.Module):
                 scale, shift = cast(Tensor, self._scale), cast(Tensor, self._shift)
                 x = x * scale.to(x.dtype) + shift.to(x.dtype)
             if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
-                down = x.shape[-2] > self.input_size[0] or x.shape[-1] > self.input_size[1]
+                # antialias in both directions, as torchvision v2 and PIL resize: for bicubic it
+                # also picks their kernel (a = -0.5) over the one without it (a = -0.75)
+                smooth = self.interpolation in {"bilinear", "bicubic"}
                 x = F.interpolate(
                     x,
                     size=self.input_size,
                     mode=self.interpolation,
-                    **(
-                        {"align_corners": False, "antialias": down}
-                        if self.interpolation in {"bilinear", "bicubic"}
-                        else {}
-                    ),
+                    **({"align_corners": False, "antialias": True} if smooth else {}),
                 )
         return x
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision the model's weights are in (float32 for a model without any)."""
+        return _weight(self.model).dtype
+
+    def to_precision(
+        self, precision: TeacherDtype | torch.dtype, device: torch.device | str | None = None
+    ) -> Teacher:
+        """Cast the model's floating-point weights and buffers to `precision` ("fp32", "bf16",
+        "fp16", a torch dtype, or "auto": `auto_teacher_dtype` of `device`, by default the
+        device the weights are on). A bf16/fp16 teacher gets its input in that dtype, runs
+        outside the loop's autocast and returns float32 outputs. Casting down loses the weights'
+        low bits: reload the teacher to go back to fp32."""
+        dev = device if device is not None else _weight(self.model).device
+        self.model.to(teacher_dtype(precision, dev))
+        return self
+
     def forward(self, x: Any, *, prepared: bool = False) -> Outputs:
         """Run the teacher on a student batch (or on `x` already prepared for it)."""
-        with torch.inference_mode():
+        weight = _weight(self.model)
+        low = weight.dtype != torch.float32
+        # a bf16/fp16 teacher runs in its own dtype, not in the loop's autocast precision
+        no_autocast = torch.autocast(weight.device.type, enabled=False) if low else nullcontext()
+        with torch.inference_mode(), no_autocast:
             inp = x if prepared or not isinstance(x, Tensor) else self.convert(x)
+            if low:
+                inp = _cast_floats(inp, weight.dtype)
             self._hooks.pop()
-            out = extract_output(self.model(inp))
+            out = extract_output(self._run(inp, weight))
             feats = self._hooks.pop()
-        # Inference tensors cannot be saved for backward; the losses need plain tensors.
-        return Outputs(out.clone(), {k: v.clone() for k, v in feats.items()})
+        # Inference tensors cannot be saved for backward; the losses need plain tensors (and
+        # float32 ones from a bf16/fp16 teacher: softmax at temperature T wants the precision).
+        return Outputs(_plain(out, low), {k: _plain(v, low) for k, v in feats.items()})
+
+    def _run(self, inp: Any, weight: Tensor) -> Any:
+        try:
+            return self.model(inp)
+        except RuntimeError as e:
+            if weight.dtype == torch.float32 or not any(
+                w in str(e) for w in ("Half", "BFloat16", "dtype")
+            ):
+                raise
+            name = {v: k for k, v in DTYPES.items()}[weight.dtype]
+            raise RuntimeError(
+                f"the teacher {self.name} cannot run in {name} on {weight.device.type}: {e}. "
+                "Set teacher_dtype (recipes: --teacher-precision) to fp32, or to bf16 if this "
+                "was fp16"
+            ) from e
 
     @torch.no_grad()
     def check_compatible(
@@ -275,8 +355,33 @@ class Teacher(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"name={self.name!r}, input_size={self.input_size}, output={self.output_kind!r}, "
-            f"features={self.features}"
+            f"features={self.features}, dtype={self.dtype}"
         )
+
+
+def _weight(model: nn.Module) -> Tensor:
+    """The model's first floating-point parameter or buffer: the dtype and device it runs in
+    (an empty float32 CPU tensor for a model without any)."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return next((t for t in tensors if t.is_floating_point()), torch.zeros(0))
+
+
+def _cast_floats(x: Any, dtype: torch.dtype) -> Any:
+    """`x` (a tensor, or a mapping/sequence of them) with floating tensors cast to `dtype`."""
+    if isinstance(x, Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, Mapping):
+        return {k: _cast_floats(v, dtype) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_cast_floats(v, dtype) for v in x]
+    return x
+
+
+def _plain(t: Tensor, to_float32: bool) -> Tensor:
+    """A normal (not inference-mode) copy of `t`, floating point as float32 if asked."""
+    if to_float32 and t.is_floating_point():
+        return t.to(torch.float32, copy=True)
+    return t.clone()
 
 
 def check_teacher_outputs(

@@ -79,10 +79,12 @@ class Throughput:
 
     def record_fields(self) -> dict[str, float]:
         """The run record's timing fields (distill.run_record)."""
+        seconds = self.train_seconds()  # once, so that images_per_s * train_s is the images
+        rate = self.images / seconds if self.images and seconds > 0 else self.images_per_s()
         return {
-            "images_per_s": self.images_per_s(),
+            "images_per_s": rate,
             "wall_s": time.perf_counter() - self.begin,
-            "train_s": self.train_seconds(),
+            "train_s": seconds,
             "eval_s": self.totals["eval"],
             "checkpoint_s": self.totals["checkpoint"],
         }
@@ -95,9 +97,19 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"
 
 
-def device_name(device: Any) -> str:
-    """ "NVIDIA H200" or "cpu (x86_64, 2 cores)"."""
+def device_name(device: Any = "cpu") -> str:
+    """ "NVIDIA H200", or the CPU as "cpu (<model name>, N cores)" (/proc/cpuinfo's model
+    name where there is one)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu ({name}, {os.cpu_count()} cores)"

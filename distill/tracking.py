@@ -20,12 +20,15 @@ History keys: `train/<part>` (loss parts), `train/lr`, `eval/<metric>`. Summary 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from distill.run_folder import flatten
 
 # metrics.json lives in distill.run_record and the offline W&B reader in distill.wandb_offline;
 # their names are importable from here as well.
@@ -48,6 +51,7 @@ __all__ = [
     "MetricsFileError",
     "RunInfo",
     "RunRecord",
+    "end_trackers",
     "log_run_summary",
     "log_summary",
     "loggable_config",
@@ -236,7 +240,14 @@ def start_trackers(accelerator: Any, config: Any, logged: Mapping[str, Any]) -> 
         # wandb keeps process-wide settings from its first run; honour the current folder
         wandb_kwargs.setdefault("dir", os.environ["WANDB_DIR"])
     init_kwargs = {"wandb": wandb_kwargs} if wandb_kwargs else {}
-    accelerator.init_trackers(config.project, config=dict(logged), init_kwargs=init_kwargs)
+    values = dict(logged)
+    if config.report_to != "wandb":  # TensorBoard/MLflow hyper-parameters: flat scalars only
+        values = {k: _scalar(v) for k, v in flatten(logged).items()}
+    accelerator.init_trackers(config.project, config=values, init_kwargs=init_kwargs)
+
+
+def _scalar(v: Any) -> int | float | str | bool:
+    return v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str)
 
 
 def log_run_summary(accelerator: Any, record: Mapping[str, Any]) -> None:
@@ -260,11 +271,14 @@ def log_run_summary(accelerator: Any, record: Mapping[str, Any]) -> None:
 
 
 def loggable_config(
-    config: Any, teacher_meta: Mapping[str, Any] | None, objective: str
+    config: Any,
+    teacher_meta: Mapping[str, Any] | None,
+    objective: str,
+    objective_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The tracker config and config.json of a Distiller run: run_info's fields at the top, the
     DistillerConfig under "distiller", the teacher's metadata (without label names), the
-    objective's class name."""
+    objective's class name and what it is (method, temperature, KD weight)."""
     cfg = asdict(config)
     info = cfg.pop("run_info")
     cfg.pop("tracker_init_kwargs")
@@ -277,4 +291,13 @@ def loggable_config(
         "distiller": cfg,
         "teacher_meta": teacher,
         "objective": objective,
+        "objective_config": dict(objective_config or {}),
     }
+
+
+def end_trackers(accelerator: Any) -> None:
+    """Finish the trackers a run started, leaving the process group up (accelerate's
+    `end_training` also destroys it: call that at the end of a script, as the recipes do)."""
+    for tracker in getattr(accelerator, "trackers", []):
+        tracker.finish()
+    accelerator.trackers = []

@@ -2,6 +2,11 @@
 of every training image and exits; `--teacher-cache DIR` trains from those crops without loading
 the teacher.
 
+What is cached follows from the teacher's kind of output: class logits (ImageNet) as the top
+`--topk` plus every other logit in 8 bits, so that the cached KD loss is the online one at any
+`--temperature`; attribute logits (face attributes) and embeddings (FaceNet) whole, in float32
+(`distill.data.cache`).
+
 The cache itself (fingerprint, build, replay, the explanation of a mismatch) is
 `distill.data.cache`; what is recipe-specific here is the cache's identity in the recipe's
 terms: the teacher is named by its spec (training from the cache must not load it) and every
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill.constants import TaskKind
 from recipes._config import CacheableRecipeConfig, RecipeError, parse_teacher
 from recipes._run import Context, user_errors
 
@@ -67,7 +73,8 @@ def replayable(cfg: CacheableRecipeConfig, train_set: Any) -> Any:
     from distill.data.teacher_cache import ReplayableImages
 
     n = cfg.limit_train
-    kept = train_set.samples[:n] if n is not None else train_set.samples
+    samples = _samples(train_set)
+    kept = samples[:n] if n is not None else samples
     # absolute paths: the fingerprint names files relative to the root, wherever the run starts
     absolute = [(os.path.abspath(p), y) for p, y in kept]
     root = os.path.abspath(Path(cfg.data_dir or ".").expanduser())
@@ -75,30 +82,68 @@ def replayable(cfg: CacheableRecipeConfig, train_set: Any) -> Any:
     return SkipBadReplays(images, strict=cfg.strict_data)
 
 
+def _samples(train_set: Any) -> list[tuple[str, Any]]:
+    """(image path, target) of a training set: an image folder's samples, or CelebA's files
+    with their 40 attribute labels (None when the set has no targets)."""
+    from distill.data.faces import CelebAFaces
+
+    if isinstance(train_set, CelebAFaces):
+        attr = train_set.attr if train_set.target == "attr" else None
+        files = [str(train_set.images_dir / f) for f in train_set.filenames]
+        return [(p, None if attr is None else attr[i]) for i, p in enumerate(files)]
+    if not hasattr(train_set, "samples"):
+        raise RecipeError(
+            f"the training set ({type(train_set).__name__}) has no file list to cache: "
+            "--cache-teacher/--teacher-cache need image files (--data-dir)"
+        )
+    return list(train_set.samples)
+
+
 def offline(
-    cfg: CacheableRecipeConfig, ctx: Context, train_set: Any, teacher: Any, num_classes: int
+    cfg: CacheableRecipeConfig,
+    ctx: Context,
+    train_set: Any,
+    teacher: Any,
+    num_classes: int | None,
+    *,
+    kind: TaskKind = "logits",
 ) -> Offline:
-    """`--cache-teacher` / `--teacher-cache` for a recipe's training set (or neither)."""
+    """`--cache-teacher` / `--teacher-cache` for a recipe's training set (or neither), for a
+    teacher with `num_classes` outputs of `kind`. With `--teacher-cache` the count may be None:
+    it is then read from the cache (an embedding's size is known from the teacher alone)."""
     if cfg.cache_teacher is None and cfg.teacher_cache is None:
         return Offline()
     dataset = replayable(cfg, train_set)
     if cfg.cache_teacher is not None:
-        return Offline(build=lambda: _build(cfg, ctx, teacher, dataset, num_classes))
-    return _train_from(cfg, ctx, dataset, num_classes)
+        if num_classes is None:
+            raise RecipeError(f"--cache-teacher: the {cfg.NAME} recipe did not size the teacher")
+        n = num_classes
+        return Offline(build=lambda: _build(cfg, ctx, teacher, dataset, n, kind))
+    return _train_from(cfg, ctx, dataset, num_classes, kind)
 
 
-def _train_from(cfg: CacheableRecipeConfig, ctx: Context, dataset: Any, n: int) -> Offline:
+def _train_from(
+    cfg: CacheableRecipeConfig, ctx: Context, dataset: Any, n: int | None, kind: TaskKind
+) -> Offline:
+    from distill.data.cache.store import read_manifest
     from distill.data.loaders import make_loader
     from distill.data.teacher_cache import CachedDataset, open_checked
 
     assert cfg.teacher_cache is not None
     path = Path(cfg.teacher_cache).expanduser()
     with user_errors(f"--teacher-cache {path}"):
+        if n is None:
+            n = int(read_manifest(path, how_to_build=HOW_TO_BUILD)["num_classes"])
         cache = open_checked(
-            path, identity(cfg, dataset, n), labels=LABELS, how_to_build=HOW_TO_BUILD
+            path,
+            identity(cfg, dataset, n),
+            labels=LABELS,
+            how_to_build=HOW_TO_BUILD,
+            kind=kind,
+            temperature=cfg.temperature,  # refused here, before training, if not served
         )
     ctx.print(f"--teacher-cache: {len(cache)} images x {cache.crops} cached crops")
-    data = CachedDataset(dataset, cache, seed=cfg.seed)
+    data = CachedDataset(dataset, cache, seed=cfg.seed, temperature=cfg.temperature)
     loader = make_loader(
         data, ctx.per_process_batch, train=True, workers=cfg.workers, seed=cfg.seed
     )
@@ -110,13 +155,20 @@ def _train_from(cfg: CacheableRecipeConfig, ctx: Context, dataset: Any, n: int) 
             "digest": cache.fingerprint.digest,
             "crops": cache.crops,
             "topk": cache.topk,
+            "kind": cache.kind,
+            "tail": cache.tail,
         }
     }
     return Offline(loader=loader, cache=cache, teacher_name=name, notes=notes)
 
 
 def _build(
-    cfg: CacheableRecipeConfig, ctx: Context, teacher: Any, dataset: Any, num_classes: int
+    cfg: CacheableRecipeConfig,
+    ctx: Context,
+    teacher: Any,
+    dataset: Any,
+    num_classes: int,
+    kind: TaskKind,
 ) -> None:
     """--cache-teacher DIR: the teacher's answers on K crops of every training image."""
     import torch
@@ -138,7 +190,8 @@ def _build(
             identity=ident,
             labels=LABELS,
             crops=cfg.crops,
-            topk=cfg.topk,
+            topk=cfg.topk if kind == "logits" else None,  # other kinds are stored whole
+            kind=kind,
             seed=cfg.seed,
             batch_size=ctx.per_process_eval_batch,
             device=device,
@@ -158,9 +211,14 @@ def _build(
     if cache.skipped:  # the stand-ins are cached; training replays the same substitution
         print(cache.skipped.report(), file=sys.stderr)
         write_json_atomic(out / "skipped.json", cache.skipped.to_dict())
+    what = (
+        f"top-{cache.topk} of {cache.num_classes} classes"
+        if kind == "logits"
+        else f"{cache.num_classes} {kind} outputs"
+    )
     ctx.print(
-        f"cached {len(cache)} images x {cache.crops} crops, top-{cache.topk} of "
-        f"{cache.num_classes} classes in {cache.path} ({cache.nbytes() / 2**20:.1f} MiB, "
+        f"cached {len(cache)} images x {cache.crops} crops, {what} in {cache.path} "
+        f"({cache.nbytes() / 2**20:.1f} MiB, "
         f"fingerprint {cache.fingerprint.digest[:12]}); train from it with the same settings "
         f"and --teacher-cache {cache.path}"
     )

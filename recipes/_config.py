@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -25,6 +27,7 @@ from distill.config import (
     MixedPrecision,
     OnNonFinite,
     ReportTo,
+    TeacherDtype,
     from_dict,
     load_yaml,
 )
@@ -48,59 +51,63 @@ class RecipeConfig:
     # where things are
     data_dir: str | None = None  # the dataset in its torchvision on-disk layout
     dataset: str | None = None  # or: a Hugging Face dataset name / local imagefolder/webdataset
-    train_split: str = "train"
+    train_split: str = "train"  # the training split of a --dataset source
     eval_split: str = "validation"  # for --dataset sources
     streaming: bool = False  # --dataset only: iterate without downloading it all (needs max_steps)
-    output_dir: str = "runs/recipe"
+    output_dir: str = "runs/recipe"  # the run folder: checkpoints, metrics.json, the student
     # how long
-    epochs: int = 1
+    epochs: int = 1  # passes over the training set (unless max_steps)
     max_steps: int | None = None  # optimizer steps; overrides epochs
     batch_size: int = 256  # global, over all processes
     eval_batch_size: int | None = None  # global; default: batch_size
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = 1  # batches whose gradients make one optimizer step
     # optimisation
-    optimizer: Optimizer = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = False
-    schedule: Schedule = "step"
+    optimizer: Optimizer = "sgd"  # SGD with momentum, or AdamW
+    lr: float = 0.1  # peak learning rate (for the global batch size)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # L2 weight decay
+    nesterov: bool = False  # Nesterov momentum (SGD)
+    schedule: Schedule = "step"  # step: x lr_gamma at lr_steps; cosine: to 0; constant
     lr_steps: list[int] = field(default_factory=list)  # epochs at which lr *= lr_gamma
-    lr_gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    max_grad_norm: float | None = None
-    label_smoothing: float = 0.0
+    lr_gamma: float = 0.1  # the step schedule's factor
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up, in epochs
+    max_grad_norm: float | None = None  # clip the gradient norm to this (unset: no clipping)
+    label_smoothing: float = 0.0  # of the cross-entropy of the ce method
     # the run
-    mixed_precision: MixedPrecision = "no"
-    save_every: int | None = None  # steps between checkpoints (also saved at each epoch end)
+    mixed_precision: MixedPrecision = "no"  # autocast of the forward passes
+    save_every: int | None = None  # steps between checkpoints (also at each epoch end)
     eval_every: int | None = None  # steps between evaluations (also at each epoch end)
-    log_every: int = 50
-    keep_checkpoints: int = 2
+    log_every: int = 50  # steps between logged (and checked) loss rows
+    keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
     resume: str | None = None  # "latest" or a checkpoint folder
-    eval_only: bool = False
-    seed: int = 0
+    overwrite: bool = False  # start over in a folder holding a run: the old one is moved aside
+    break_lock: bool = False  # clear the lock a killed run left in --output-dir
+    allow_resume_changes: bool = False  # resume with settings that change the run (recorded)
+    eval_only: bool = False  # evaluate the run folder's student (or --resume checkpoint)
+    seed: int = 0  # initialisation, data order, augmentation: one seed for all
     workers: int = 8  # DataLoader worker processes per training process
     strict_data: bool = False  # stop at the first unreadable image instead of skipping it
     gpu_pipeline: GpuPipeline = "auto"  # decode + augment JPEGs on the GPU (image folders only)
-    channels_last: bool = False
-    compile: bool = False
-    on_nonfinite: OnNonFinite = "raise"
-    report_to: ReportTo = "none"
-    project: str = "mobiledistill"
+    channels_last: bool = False  # channels-last memory (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the student and the teacher
+    on_nonfinite: OnNonFinite = "raise"  # a NaN/inf loss stops the run, or its batch is skipped
+    report_to: ReportTo = "none"  # experiment tracker (through accelerate)
+    project: str = "mobiledistill"  # the tracker's project
     experiment: str = "recipe"  # W&B group, metrics.json "experiment"
     run_name: str | None = None  # default: derived from role/method/student/alpha/...
-    progress: bool = True
+    progress: bool = True  # a progress bar (plain lines when not on a terminal)
     limit_train: int | None = None  # use only the first N training samples (smoke tests)
-    limit_eval: int | None = None
+    limit_eval: int | None = None  # use only the first N evaluation samples
     # models
-    student: str = "mobilenet_v1"
-    alpha: float = 1.0  # width multiplier
-    resolution: int = 224  # student input size (the paper's rho)
+    student: str = "mobilenet_v1"  # a registered student, or timm:NAME / torchvision:NAME
+    alpha: float = 1.0  # MobileNet's width multiplier (not the KD weight: see --kd-weight)
+    resolution: int = 224  # the student's input size (the paper's resolution multiplier)
     teacher: str | None = None  # a teachers spec, optionally followed by key=value options
     teacher_options: dict[str, Any] = field(default_factory=dict)  # keyword args of teachers.load
-    method: str = "kd"
-    temperature: float = 4.0
-    kd_weight: float = 0.9  # weight of the teacher term; 1 - kd_weight goes to the labels
+    teacher_precision: TeacherDtype = "auto"  # the teacher's weights; auto: bf16 on CUDA, else fp32
+    method: str = "kd"  # the distillation method (see the choices)
+    temperature: float = 4.0  # softmax temperature T of the soft targets
+    kd_weight: float = 0.9  # weight of the teacher term, 1 - it on the labels (KD papers' alpha)
 
     # Recipe classes override these two.
     METHODS: typing.ClassVar[tuple[str, ...]] = ("kd",)
@@ -176,6 +183,9 @@ class RecipeConfig:
             keep_checkpoints=self.keep_checkpoints,
             eval_every=self.eval_every,
             resume=self.resume,
+            overwrite=self.overwrite,
+            break_lock=self.break_lock,
+            allow_resume_changes=self.allow_resume_changes,
             channels_last=self.channels_last,
             compile=self.compile,
             seed=self.seed,
@@ -185,6 +195,7 @@ class RecipeConfig:
             project=self.project,
             run_name=self.run_name,
             progress=self.progress,
+            teacher_dtype=self.teacher_precision,
             **run,
         )
 
@@ -198,7 +209,7 @@ class CacheableRecipeConfig(RecipeConfig):
     cache_teacher: str | None = None  # build the teacher cache in this folder, then exit
     teacher_cache: str | None = None  # train from this cache (built by --cache-teacher)
     crops: int = 10  # augmentation draws cached per training image (K)
-    topk: int = 10  # teacher logits kept per draw (k); the rest is stored as one log-mass
+    topk: int = 10  # teacher logits kept exactly (fp16) per draw (k); the rest in 8 bits
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -258,6 +269,36 @@ def _cli_value(raw: str, tp: Any) -> Any:
     return raw
 
 
+def _choices(tp: Any) -> list[Any]:
+    """The values of a Literal (or Optional[Literal]) type, else []."""
+    if get_origin(tp) is typing.Literal:
+        return list(get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return [v for a in get_args(tp) if get_origin(a) is typing.Literal for v in get_args(a)]
+    return []
+
+
+_FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+?)\s*$")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """{field: the comment after it in the class body}, through the base classes: the one
+    place a setting is described, read for --help."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            m = _FIELD_COMMENT.match(line)
+            if m:
+                out[m.group(1)] = m.group(2)
+    return out
+
+
 def build_parser(cls: type[RecipeConfig], description: str) -> argparse.ArgumentParser:
     """`--config FILE` plus one `--field-name VALUE` flag per dataclass field."""
     ap = argparse.ArgumentParser(
@@ -271,12 +312,20 @@ def build_parser(cls: type[RecipeConfig], description: str) -> argparse.Argument
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
     hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         factory: Any = f.default_factory
         default = f.default if f.default is not dataclasses.MISSING else factory()
-        kwargs: dict[str, Any] = {"dest": f.name, "metavar": "V", "help": f"(default: {default!r})"}
+        choices = _choices(tp) or (list(cls.METHODS) if f.name == "method" else [])
+        text = comments.get(f.name, f.name.replace("_", " "))
+        text += f"; one of {', '.join(map(str, choices))}" if choices else ""
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "metavar": "V",
+            "help": f"{text} (default: {default!r})".replace("%", "%%"),
+        }
         if _is_bool(tp):
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         elif f.name == "resume":

@@ -81,6 +81,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from distill.checkpoint import CheckpointError
     from distill.data import AnnotationError, BadImageError, DataLayoutError
     from distill.guards import NonFiniteLossError
+    from distill.run_folder import RunFolderError
     from teachers import MissingWeightsError
 
     return (
@@ -92,6 +93,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         MissingWeightsError,
         CheckpointError,
         NonFiniteLossError,
+        RunFolderError,
         PermissionError,
         pickle.UnpicklingError,  # a refused file (it would have run code): UnsafeCheckpointError
     )
@@ -180,11 +182,14 @@ class Built:
 
 
 def describe(cfg: RecipeConfig, **fields: Any) -> RunInfo:
-    """The run's `RunInfo`: the recipe's experiment and seed, plus `fields` (role, method,
-    student, dataset, teacher, alpha, resolution, temperature, kd_weight)."""
+    """The run's `RunInfo`: the recipe's experiment and seed, its student, width (registered
+    students only) and resolution unless `fields` say otherwise, plus `fields` (role, method,
+    dataset, teacher, temperature, kd_weight)."""
     from distill.tracking import RunInfo
 
-    return RunInfo(experiment=cfg.experiment, seed=cfg.seed, **fields)
+    alpha = cfg.alpha if ":" not in cfg.student else None  # timm:/torchvision: have no alpha
+    defaults = {"student": cfg.student, "alpha": alpha, "resolution": cfg.resolution}
+    return RunInfo(experiment=cfg.experiment, seed=cfg.seed, **{**defaults, **fields})
 
 
 def load_teacher(cfg: RecipeConfig, **defaults: Any) -> Teacher:
@@ -294,6 +299,7 @@ def _run(cfg: C, build: Callable[[C, Context], Built]) -> None:
     ctx.print(
         f"wrote {output_path(cfg)}: metrics.json, config.json, student.safetensors, checkpoints/"
     )
+    acc.end_training()
 
 
 def _distiller(cfg: RecipeConfig, ctx: Context, built: Built, dcfg: Any) -> Any:

@@ -11,7 +11,14 @@ The MobileNets paper (Howard et al. 2017, Table 12) distilled a face-attribute c
 large multi-attribute dataset; CelebA (Liu et al. 2015) is the public stand-in. With
 `--kd-weight 1` the student learns from the teacher's outputs alone, so `--unlabeled-dir` can
 add face images that have no annotations. Reports mean average precision over the attributes
-(the paper's metric) and mean accuracy.
+(the paper's metric) and mean accuracy. `--missing-label -1` marks unannotated attributes (a 0
+in list_attr_celeba.txt, or -1 in a --dataset label column): the loss and both metrics leave
+them out.
+
+Offline distillation (stage distill): `--cache-teacher DIR --crops K` stores the teacher's 40
+attribute logits on K crops of every training face, whole and in float32 (so the cached loss is
+the online one at any --temperature; --topk does not apply), and exits; the same command with
+`--teacher-cache DIR` trains from them without loading the teacher.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from typing import Any, ClassVar
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes._config import RecipeConfig
+from recipes import _cache
+from recipes._config import CacheableRecipeConfig
 from recipes._run import (
     Built,
     Context,
@@ -41,7 +49,7 @@ NUM_ATTRIBUTES = 40
 
 
 @dataclass
-class FaceAttributesConfig(RecipeConfig):
+class FaceAttributesConfig(CacheableRecipeConfig):
     stage: str = "distill"  # "teacher": fine-tune the teacher with BCE; "distill": train students
     output_dir: str = "runs/face_attributes"
     experiment: str = "face_attributes"
@@ -74,6 +82,11 @@ class FaceAttributesConfig(RecipeConfig):
             )
         if self.missing_label is not None and 0 <= self.missing_label <= 1:
             p.append(f"missing_label must lie outside [0, 1], got {self.missing_label}")
+        offline = self.cache_teacher is not None or self.teacher_cache is not None
+        if offline and (self.stage != "distill" or self.method != "multilabel_kd"):
+            p.append("--cache-teacher/--teacher-cache are for --stage distill with multilabel_kd")
+        if offline and self.unlabeled_dir:
+            p.append("--cache-teacher/--teacher-cache cache CelebA's images: drop unlabeled_dir")
         return p
 
 
@@ -103,8 +116,13 @@ def _sets(cfg: FaceAttributesConfig, labels: bool) -> tuple[Any, Any, str]:
     root = Path(cfg.data_dir or "").expanduser()
     if not root.is_dir():
         raise DataLayoutError(root, "--data-dir does not exist", CELEBA_LAYOUT)
-    train = CelebAFaces(root, cfg.train_split, target="attr" if labels else None)
-    val = CelebAFaces(root, cfg.eval_split, target="attr")
+    # with --missing-label, a 0 in list_attr_celeba.txt is "not annotated": the targets hold
+    # missing_label there, which the objective and the evaluator both leave out
+    missing = cfg.missing_label
+    train = CelebAFaces(
+        root, cfg.train_split, target="attr" if labels else None, missing_label=missing
+    )
+    val = CelebAFaces(root, cfg.eval_split, target="attr", missing_label=missing)
     if train.num_outputs != NUM_ATTRIBUTES:
         raise RecipeError(
             f"{root}: list_attr_celeba.txt names {train.num_outputs} attributes, expected "
@@ -125,6 +143,14 @@ def _teacher_stage(cfg: FaceAttributesConfig, train_set: Any, eval_set: Any) -> 
     t = load_teacher(cfg, num_classes=NUM_ATTRIBUTES, output="multilabel")
     model = t.model.requires_grad_(True).train()
     size = t.input_size[0] if t.input_size else cfg.resolution
+    default = FaceAttributesConfig.__dataclass_fields__["resolution"].default
+    if cfg.resolution not in (default, size):
+        raise RecipeError(
+            f"--stage teacher trains the teacher at its own input size ({size} px, from the "
+            f"teacher spec), not at --resolution {cfg.resolution}: to train it at "
+            f"{cfg.resolution} px add input_size={cfg.resolution} to --teacher (students are "
+            "then distilled at any --resolution)"
+        )
     tf = {**_FACE_CROP, "scale": tuple(cfg.crop_scale), "model_mean": t.mean, "model_std": t.std}
     train_set.transform = paired_views(None, size, train=True, **tf)
     eval_set.transform = paired_views(None, size, train=False, **tf)
@@ -141,7 +167,7 @@ def _distill_stage(
     from distill.data.transforms import paired_views
 
     teacher = None
-    if cfg.method == "multilabel_kd":
+    if cfg.method == "multilabel_kd" and cfg.teacher_cache is None:  # cached: never loaded
         teacher = load_teacher(cfg, output="multilabel")
         check_outputs(teacher, NUM_ATTRIBUTES, dataset_name, "attributes")
     tf = {**_FACE_CROP, "scale": tuple(cfg.crop_scale)}
@@ -166,10 +192,10 @@ def build(cfg: FaceAttributesConfig, ctx: Context) -> Built:
     if teacher_stage:
         student, teacher, model_name, resolution = _teacher_stage(cfg, train_set, eval_set)
         fields: dict[str, Any] = {"role": "teacher", "method": "multilabel_bce"}
-        fields.update(student=model_name, resolution=resolution)
+        fields.update(student=model_name, resolution=resolution, alpha=None)
     else:
         student, teacher, train_set = _distill_stage(cfg, train_set, eval_set, dataset_name)
-        distilled = teacher is not None
+        distilled = cfg.method == "multilabel_kd"
         if distilled:
             with user_errors(f"building the {cfg.method} objective"):
                 objective = MultiLabelKDLoss(
@@ -180,14 +206,15 @@ def build(cfg: FaceAttributesConfig, ctx: Context) -> Built:
         fields = {
             "role": "distilled" if distilled else "scratch",
             "method": cfg.method,
-            "student": cfg.student,
             "teacher": teacher.name if teacher is not None else None,
-            "alpha": cfg.alpha if ":" not in cfg.student else None,
-            "resolution": cfg.resolution,
             "temperature": cfg.temperature if distilled else None,
             "kd_weight": cfg.kd_weight if distilled else None,
         }
     train_loader, eval_loader = ctx.loaders(train_set, eval_set)
+    # the 40 attribute logits are cached whole (float32): the cached loss is the online one
+    offline = _cache.offline(cfg, ctx, train_set, teacher, NUM_ATTRIBUTES, kind="multilabel")
+    if offline.loader is not None:
+        train_loader, fields["teacher"] = offline.loader, offline.teacher_name
     return Built(
         student=student,
         teacher=teacher,
@@ -196,7 +223,9 @@ def build(cfg: FaceAttributesConfig, ctx: Context) -> Built:
         eval_loader=eval_loader,
         info=describe(cfg, dataset=dataset_name, **fields),
         task="multilabel",
-        notes={"stage": cfg.stage},
+        notes={"stage": cfg.stage, **offline.notes},
+        cache=offline.cache,
+        build_cache=offline.build,
     )
 
 

@@ -48,12 +48,12 @@ class ImageNetConfig(CacheableRecipeConfig):
     temperature: float = 1.0
     kd_weight: float = 0.5
     num_classes: int | None = None  # default: the dataset's classes
-    crop_pct: float = 0.875
+    crop_pct: float = 0.875  # evaluation: resize to resolution / crop_pct, centre crop
     # DKD (Zhao et al. 2022): loss = dkd_ce_weight * CE + warm-up * (dkd_alpha*TCKD + dkd_beta*NCKD)
-    dkd_alpha: float = 1.0
-    dkd_beta: float = 2.0
-    dkd_ce_weight: float = 1.0
-    dkd_warmup_epochs: float = 1.0
+    dkd_alpha: float = 1.0  # DKD: weight of the target-class term (TCKD)
+    dkd_beta: float = 2.0  # DKD: weight of the non-target term (NCKD); 2 for R50 -> MBv1
+    dkd_ce_weight: float = 1.0  # DKD: weight of the label cross-entropy
+    dkd_warmup_epochs: float = 1.0  # DKD: epochs to full weight (1: full from the start)
 
     METHODS: ClassVar[tuple[str, ...]] = ("kd", "dkd", "ce")
     NAME: ClassVar[str] = "imagenet"
@@ -210,11 +210,8 @@ def build(cfg: ImageNetConfig, ctx: Context) -> Built:
         cfg,
         role="distilled" if distilled else "scratch",
         method=cfg.method,
-        student=cfg.student,
         dataset=dataset_name,
         teacher=teacher.name if teacher is not None else offline.teacher_name,
-        alpha=cfg.alpha if ":" not in cfg.student else None,
-        resolution=cfg.resolution,
         temperature=cfg.temperature if distilled else None,
         kd_weight=cfg.kd_weight if cfg.method == "kd" else None,  # DKD: dkd_alpha/dkd_beta
     )

@@ -68,12 +68,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_where(args: argparse.Namespace) -> int:
-    source, name = teachers.parse_spec(args.spec)
-    if source.describe is None:
-        print(f"{args.spec}: the weights are the file itself")
-        return 0
-    options = dict(o.split("=", 1) for o in args.options if "=" in o)
-    meta = source.describe(name, **options)
+    try:
+        source, name = teachers.parse_spec(args.spec)
+        if source.describe is None:
+            print(f"{args.spec}: the weights are the file itself")
+            return 0
+        options = dict(o.split("=", 1) for o in args.options if "=" in o)
+        meta = source.describe(name, **options)
+    except (ValueError, KeyError, TypeError) as e:  # an unknown prefix, name or option
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg} (`python -m teachers list` shows what is known)", file=sys.stderr)
+        return 2
     print(" ".join([args.spec, *args.options]))
     print(f"    file:   {meta.get('file')}")
     print(f"    cached: {meta.get('cached')}")

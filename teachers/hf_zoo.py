@@ -11,12 +11,14 @@ written by ``save_pretrained``. Needs the optional extra: ``pip install 'mobiled
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from torch import Tensor, nn
 
+from distill.serialization import UnsafeCheckpointError, unsafe_message
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, Teacher
 from teachers._cache import (
     MissingWeightsError,
@@ -239,6 +241,11 @@ def build_hf(
         )
     except OSError as err:
         raise _download_failed(spec, name, err) from err
+    except pickle.UnpicklingError as err:  # a pytorch_model.bin that would run code
+        pickles = sorted(Path(source).glob("*.bin")) if Path(source).is_dir() else []
+        raise UnsafeCheckpointError(
+            unsafe_message(pickles[0] if pickles else Path(where), err)
+        ) from None
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(where, **load_kwargs)
     except OSError:  # no preprocessor_config.json: fall back to the config and ImageNet stats

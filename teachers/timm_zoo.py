@@ -9,6 +9,7 @@ is missing and the machine is online does timm download it.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ from teachers._common import (
 from teachers._download import cached_or_download, url_basename
 from teachers.registry import register_teacher
 
-OPTIONS = ("num_classes", "output", "pretrained", "download", "model_kwargs")
+OPTIONS = ("num_classes", "output", "pretrained", "download", "model_kwargs", "size")
+logger = logging.getLogger(__name__)
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -96,11 +98,25 @@ def locate_weights(name: str) -> tuple[Path | None, dict[str, Any]]:
     raise ValueError(f"timm model {name!r} has no weights source in its pretrained_cfg")
 
 
-def timm_meta(name: str, model: Any, source: str) -> TeacherMeta:
+def timm_meta(name: str, model: Any, source: str, size: str = "test") -> TeacherMeta:
+    """The teacher's metadata from timm's data config. `size="test"` (the default, as timm's
+    own validation does) feeds the model at its test resolution where it has one (288 px for
+    resnet18.a1_in1k, 1.65x the compute of its 224 px training size); `size="train"` at the
+    training resolution. Either way the choice is logged."""
     from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_model_data_config
 
-    # timm's own validation uses the test resolution where a model has one.
-    cfg = resolve_model_data_config(model, use_test_size=True)
+    if size not in ("test", "train"):
+        raise ValueError(f"timm:{name}: size must be 'test' or 'train', got {size!r}")
+    cfg = resolve_model_data_config(model, use_test_size=size == "test")
+    train = resolve_model_data_config(model, use_test_size=False)["input_size"]
+    if tuple(cfg["input_size"]) != tuple(train):
+        cost = (cfg["input_size"][1] * cfg["input_size"][2]) / (train[1] * train[2])
+        logger.warning(
+            "timm:%s is fed at its %s resolution %d px (training resolution %d px, test %.2fx "
+            "the compute); pass size=%s (or input_size=N) for the other",
+            name, size, cfg["input_size"][1], train[1], cost,
+            "train" if size == "test" else "test",
+        )  # fmt: skip
     meta = TeacherMeta(
         name=f"timm:{name}",
         source=source,
@@ -163,9 +179,11 @@ def build_timm(
     pretrained: bool = True,
     download: bool | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    size: str = "test",
     **kwargs: Any,
 ) -> Teacher:
-    """A timm model; `num_classes` re-initialises the classifier (timm drops the old one)."""
+    """A timm model; `num_classes` re-initialises the classifier (timm drops the old one);
+    `size` picks timm's test (default) or training resolution (see `timm_meta`)."""
     import timm
 
     spec = f"timm:{name}"
@@ -177,7 +195,7 @@ def build_timm(
     if not pretrained:
         check_arch(name)
         model = timm.create_model(name, pretrained=False, **extra)
-        meta = timm_meta(name, model, "random init (pretrained=False)")
+        meta = timm_meta(name, model, "random init (pretrained=False)", size)
         meta.label_names = None
     else:
         path, where = locate_weights(name)
@@ -216,7 +234,7 @@ def build_timm(
             model = timm.create_model(
                 name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **extra
             )
-        meta = timm_meta(name, model, str(path))
+        meta = timm_meta(name, model, str(path), size)
         if num_classes is not None:
             meta.source += f" (classifier replaced: {num_classes} outputs, re-initialised)"
     meta.output = out

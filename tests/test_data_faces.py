@@ -115,6 +115,22 @@ def test_celeba_annotation_errors(celeba, tmp_path, file, line, edit, message) -
     assert ei.value.file.endswith(file) and ei.value.line == line
 
 
+def test_celeba_unannotated_attributes_with_a_missing_label(celeba, tmp_path) -> None:
+    root, base = _copy(celeba, tmp_path)
+    _, info = celeba
+    # line 4 is the second image: blank its first and its last attribute (0 = not annotated)
+    _edit_line(base / "list_attr_celeba.txt", 4, lambda s: s[:10] + "  0" + s[13:-2] + " 0")
+    with pytest.raises(AnnotationError, match="0 marks a missing annotation") as ei:
+        CelebAFaces(root, "all")
+    assert ei.value.line == 4
+    ds = CelebAFaces(root, "all", missing_label=-1)
+    want = torch.as_tensor(info["attrs"], dtype=torch.float32)
+    want[1, 0] = want[1, -1] = -1
+    assert torch.equal(ds.attr, want) and torch.equal(ds[1]["target"], want[1])
+    valid = CelebAFaces(root, "valid", missing_label=-1)  # rows follow the split's file names
+    assert torch.equal(valid.attr, want[6:8])
+
+
 def test_celeba_layout_errors(celeba, tmp_path) -> None:
     with pytest.raises(DataLayoutError, match="no CelebA folder") as ei:
         CelebAFaces(tmp_path)

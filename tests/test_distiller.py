@@ -368,5 +368,23 @@ def test_cached_teacher_outputs_need_no_teacher_model(tmp_path: Path) -> None:
     d = Distiller(student, None, KDLoss(temperature=2.0, alpha=0.5), opt, config=cfg)
     d.fit(DataLoader(cached, batch_size=8))  # type: ignore[arg-type]
     assert d.progress.step == 3
+    cfg.output_dir = str(tmp_path / "second")  # a new run (the first folder holds a finished one)
     with pytest.raises(ValueError, match="no 'teacher_logits'"):
         Distiller(student, None, KDLoss(temperature=2.0, alpha=0.5), opt, config=cfg).fit(loader())
+
+
+def test_console_shows_the_teacher_and_plain_progress_lines(tmp_path: Path, capsys) -> None:
+    """Each evaluation prints the teacher's score and the gap (the teacher evaluated once);
+    without a terminal the progress is plain periodic lines, not a redrawn bar."""
+    d = make(tmp_path, max_steps=4, eval_every=2)
+    d.config.progress = True
+    d.fit(loader(), DataLoader(NoisyImages(16), batch_size=8))
+    captured = capsys.readouterr()
+    evals = [line for line in captured.out.splitlines() if line.startswith("step ")]
+    assert len(evals) >= 2 and all("(teacher " in line and ", gap " in line for line in evals)
+    progress = [line for line in captured.err.splitlines() if line.startswith("train: ")]
+    assert progress and "4/4 (100%) steps" in progress[-1] and "\r" not in captured.err
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["teacher_metrics"] and record["teacher_metrics"]["top1"] == pytest.approx(
+        float(evals[-1].split("(teacher ")[1].split(",")[0]), abs=0.01
+    )

@@ -132,3 +132,36 @@ def test_two_processes_kill_at_a_random_step(
     run_until(start(out, args, processes=2), lambda: ckpt(out, k).is_dir())
     finish(start(out, [*args, "--resume", "latest"], processes=2))
     assert_same_outcome(reference[2], out)
+
+
+@pytest.mark.slow
+def test_one_rank_of_two_killed_the_other_ends_and_resume_is_exact(
+    data: dict[str, Path], reference: References, tmp_path: Path
+) -> None:
+    """SIGKILL of rank 1 alone (an OOM kill, a node losing one GPU): rank 0 does not wait for
+    it forever; the launcher ends within a bounded time, and --resume latest then ends
+    bit-identical to an uninterrupted run."""
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "one_rank"
+    args = recipe_args(data, out)
+    run = start(out, args, processes=2)
+    deadline = time.monotonic() + 240
+    while not ckpt(out, 3).is_dir():
+        assert run.proc.poll() is None and time.monotonic() < deadline, run.output()
+        time.sleep(0.01)
+    ranks = [
+        p
+        for p in psutil.Process(run.proc.pid).children(recursive=True)
+        if p.environ().get("RANK") == "1" and "imagenet" in " ".join(p.cmdline())
+    ]
+    assert len(ranks) == 1, ranks
+    ranks[0].send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    run.proc.wait(timeout=180)  # torchrun stops rank 0 once it sees rank 1 gone
+    assert run.proc.returncode != 0 and time.monotonic() - t0 < 180
+    finish(start(out, [*args, "--resume", "latest"], processes=2))
+    assert_same_outcome(reference[2], out)

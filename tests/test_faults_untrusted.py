@@ -231,3 +231,22 @@ def test_no_loader_that_can_run_code_in_the_source() -> None:
                 if k == "weights_only" and isinstance(v, ast.Constant) and v.value is False:
                     problems.append(f"{where}: weights_only=False")
     assert not problems, "\n".join(problems)
+
+
+def test_hugging_face_folder_whose_only_weights_are_a_code_pickle(tmp_path: Path) -> None:
+    """A save_pretrained folder with a malicious pytorch_model.bin and no safetensors: the same
+    UnsafeCheckpointError and advice as the other loaders, and the payload never runs."""
+    import teachers
+    from distill.serialization import UnsafeCheckpointError
+    from tests.test_teachers_hf import _tiny_model
+
+    folder = tmp_path / "hf_model"
+    model = _tiny_model(folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    evil = evil_torch_file(folder / "pytorch_model.bin", marker, model.state_dict())
+    with pytest.raises(UnsafeCheckpointError) as err:
+        teachers.load(f"hf:{folder}")
+    assert not marker.exists(), "the malicious pickle ran"
+    assert f"refusing to load {evil}: it is a pickle" in str(err.value)
+    assert "safetensors" in str(err.value)

@@ -99,18 +99,39 @@ def test_target_class_split() -> None:
     assert other["tckd"].item() != pytest.approx(base["tckd"].item(), rel=1e-3)
 
 
-def test_warmup_ramps_linearly_through_on_progress() -> None:
+def _factors(obj: DKDLoss, progress: list[tuple[int, float]]) -> list[float]:
+    """The DKD term's weight in the loss at each (step, 0-based fractional epoch)."""
     s, t, y = _inputs()
-    obj = DKDLoss(alpha=1.0, beta=8.0, temperature=4.0, ce_weight=1.0, warmup_epochs=20)
     ce = F.cross_entropy(s, y).item()
-    dkd = 2.171337608
     seen = []
-    for step, epoch in [(0, 0.0), (50, 5.0), (100, 10.0), (200, 20.0), (300, 30.0)]:
+    for step, epoch in progress:
         obj.on_progress(step, epoch)
         out = obj(Outputs(s), Outputs(t), y)
         assert set(out) == {"loss", "ce", "tckd", "nckd"}
-        seen.append((out["loss"].item() - ce) / dkd)
-    assert seen == pytest.approx([0.0, 0.25, 0.5, 1.0, 1.0], abs=1e-5)
+        seen.append((out["loss"].item() - ce) / 2.171337608)
+    return seen
+
+
+PROGRESS = [(0, 0.0), (5, 0.5), (50, 5.0), (99, 9.99), (100, 10.0), (200, 20.0), (300, 30.0)]
+
+
+def test_warmup_follows_mdistillers_whole_epochs_by_default() -> None:
+    # min(e / 20, 1), e = the 1-based integer epoch, constant within an epoch
+    obj = DKDLoss(alpha=1.0, beta=8.0, temperature=4.0, ce_weight=1.0, warmup_epochs=20)
+    assert _factors(obj, PROGRESS) == pytest.approx(
+        [1 / 20, 1 / 20, 6 / 20, 10 / 20, 11 / 20, 1.0, 1.0], abs=1e-5
+    )
+    # warmup_epochs=1 (the ImageNet setting): the full term from the very first step
+    assert _factors(DKDLoss(warmup_epochs=1.0, beta=8.0), [(0, 0.0), (3, 0.3)]) == pytest.approx(
+        [1.0, 1.0], abs=1e-5
+    )
+
+
+def test_linear_warmup_ramps_per_step_when_asked() -> None:
+    obj = DKDLoss(alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=20, warmup_schedule="linear")
+    assert _factors(obj, PROGRESS) == pytest.approx(
+        [0.0, 0.025, 0.25, 0.4995, 0.5, 1.0, 1.0], abs=1e-5
+    )
 
 
 def test_warmup_without_progress_reports_raises() -> None:
@@ -153,5 +174,7 @@ def test_errors_name_the_problem() -> None:
         DKDLoss(beta=-1)
     with pytest.raises(ValueError, match=r"warmup_epochs must be"):
         DKDLoss(warmup_epochs=-5)
+    with pytest.raises(ValueError, match=r"warmup_schedule must be one of \('epoch', 'linear'\)"):
+        DKDLoss(warmup_schedule="cosine")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"DKD needs class labels"):
         DKDLoss(warmup_epochs=0)(Outputs(s), Outputs(t), None)

@@ -1,7 +1,9 @@
 """Embedding distillation: squared difference, cosine, RKD; projection; stability.
 
-Golden values: float64 explicit sums (norms, dot products, Huber with delta 1 over pairs i ≠ j
-and triplets of distinct i, j, k) on these literal embeddings, stored as literals.
+Golden values: float64 explicit sums (norms, dot products, Huber with delta 1, summed over
+all B² pairs and B³ triplets and divided by B² / B³ as in the RKD authors' code, or over pairs
+i ≠ j and triplets of distinct i, j, k for average="distinct") on these literal embeddings,
+stored as literals. The comparison with torchdistill's RKDLoss is in test_losses_references.py.
 """
 
 from __future__ import annotations
@@ -43,14 +45,22 @@ def test_golden_values() -> None:
     assert embedding_mse_loss(s, t).item() == pytest.approx(0.4050662684, rel=1e-5)
     assert embedding_mse_loss(s, t, normalize=False).item() == pytest.approx(3.045, rel=1e-5)
     assert embedding_cosine_loss(s, t).item() == pytest.approx(0.2025331342, rel=1e-5)
-    assert rkd_distance_loss(s, t).item() == pytest.approx(0.03933698761, rel=1e-5)
-    assert rkd_angle_loss(s, t).item() == pytest.approx(0.06237397786, rel=1e-5)
+    # averaged over all B² / B³ entries (changed on purpose from the distinct-only averages
+    # below, which were the default before: ×12/16 and ×24/64 at B = 4)
+    assert rkd_distance_loss(s, t).item() == pytest.approx(0.02950274205, rel=1e-5)
+    assert rkd_angle_loss(s, t).item() == pytest.approx(0.02339024224, rel=1e-5)
     raw_d = rkd_distance_loss(s, t, normalize=False)
     raw_a = rkd_angle_loss(s, t, normalize=False)
-    assert raw_d.item() == pytest.approx(0.03457922021, rel=1e-5)
-    assert raw_a.item() == pytest.approx(0.06481438509, rel=1e-5)
+    assert raw_d.item() == pytest.approx(0.02593441576, rel=1e-5)
+    assert raw_a.item() == pytest.approx(0.02430539454, rel=1e-5)
     both = rkd_loss(s, t, normalize=False, distance_weight=1.0, angle_weight=2.0)
-    assert both.item() == pytest.approx(0.03457922021 + 2 * 0.06481438509, rel=1e-5)
+    assert both.item() == pytest.approx(0.02593441576 + 2 * 0.02430539454, rel=1e-5)
+    distinct_d = rkd_distance_loss(s, t, average="distinct")
+    distinct_a = rkd_angle_loss(s, t, average="distinct")
+    assert distinct_d.item() == pytest.approx(0.03933698761, rel=1e-5)
+    assert distinct_a.item() == pytest.approx(0.06237397786, rel=1e-5)
+    raw_distinct = rkd_loss(s, t, normalize=False, average="distinct")
+    assert raw_distinct.item() == pytest.approx(0.03457922021 + 2 * 0.06481438509, rel=1e-5)
 
 
 def test_normalised_mse_is_two_minus_two_cosine() -> None:
@@ -94,7 +104,23 @@ def test_objective_kinds_and_parts() -> None:
     }
     out = EmbeddingDistillLoss(5, 5, "rkd", angle_weight=2.0)(Outputs(s), Outputs(t), None)
     assert set(out) == {"loss", "rkd_distance", "rkd_angle"}
-    assert out["loss"].item() == pytest.approx(0.03933698761 + 2 * 0.06237397786, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(0.02950274205 + 2 * 0.02339024224, rel=1e-5)
+    distinct = EmbeddingDistillLoss(
+        5, 5, "rkd", distance_weight=25, angle_weight=50, average="distinct"
+    )
+    out = distinct(Outputs(s), Outputs(t), None)
+    assert out["loss"].item() == pytest.approx(25 * 0.03933698761 + 50 * 0.06237397786, rel=1e-5)
+
+
+def test_rkd_angles_keep_full_precision_under_autocast() -> None:
+    # the angle term's bmm would run in bfloat16 under autocast (rel. error ~1e-4)
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    reference = rkd_angle_loss(s, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = rkd_angle_loss(s, t)
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(reference.item(), rel=1e-6)
 
 
 def test_duplicates_and_tiny_batches_stay_finite() -> None:
@@ -129,3 +155,5 @@ def test_errors_name_the_problem() -> None:
         EmbeddingDistillLoss(8, 5)(Outputs(s), Outputs(t), None)
     with pytest.raises(ValueError, match=r"different batch sizes"):
         rkd_loss(s, t[:3])
+    with pytest.raises(ValueError, match=r"average must be one of \('all', 'distinct'\)"):
+        EmbeddingDistillLoss(5, 5, "rkd", average="pairs")  # type: ignore[arg-type]

@@ -2,6 +2,9 @@
 
 Golden values: float64 explicit sums over maps x[i] = sin(0.37 i + 0.5) (student) and
 2 cos(0.23 i) (teacher) in C order, with block averaging for the resize, stored as literals.
+AT pools the larger feature map before squaring (RepDistiller/mdistiller) unless
+resize="attention"; the comparisons with torchdistill and the written-out references are in
+test_losses_references.py.
 """
 
 from __future__ import annotations
@@ -41,7 +44,14 @@ def test_hint_golden_values() -> None:
 def test_attention_transfer_golden_values() -> None:
     s = _student((2, 3, 4, 4))
     assert at_loss(s, _teacher((2, 5, 4, 4))).item() == pytest.approx(0.01938183624, rel=1e-5)
-    assert at_loss(s, _teacher((2, 5, 8, 8))).item() == pytest.approx(0.01659061267, rel=1e-5)
+    # the teacher's 8x8 feature map is 2x2-averaged, then squared (changed on purpose: the
+    # attention map used to be averaged instead, which resize="attention" still does)
+    assert at_loss(s, _teacher((2, 5, 8, 8))).item() == pytest.approx(0.01893768265, rel=1e-5)
+    attention = at_loss(s, _teacher((2, 5, 8, 8)), resize="attention")
+    assert attention.item() == pytest.approx(0.01659061267, rel=1e-5)
+    # a larger student is pooled down to the teacher's size (it used to upsample the teacher)
+    big = at_loss(_student((2, 3, 8, 8)), _teacher((2, 5, 4, 4)))
+    assert big.item() == pytest.approx(0.003574368560, rel=1e-5)
 
 
 def _fitnet(logit_loss=None, weight: float = 100.0) -> FitNetLoss:  # type: ignore[no-untyped-def]
@@ -65,7 +75,7 @@ def test_fitnet_uses_its_learnable_adapter() -> None:
     )
     assert set(out) == {"loss", "hint"}
     assert out["loss"].item() == pytest.approx(100 * out["hint"].item(), rel=1e-6)
-    expected = hint_loss(obj.adapter.bn(obj.adapter.conv(f_s)), f_t)
+    expected = hint_loss(torch.relu(obj.adapter.bn(obj.adapter.conv(f_s))), f_t)
     assert out["hint"].item() == pytest.approx(expected.item(), rel=1e-5)
     out["loss"].backward()
     assert obj.adapter.conv.weight.grad is not None
@@ -77,6 +87,24 @@ def test_fitnet_uses_its_learnable_adapter() -> None:
         Outputs(torch.zeros(4, 2), {"hint": f_s}), Outputs(torch.zeros(4, 2), {"hint": f_t}), None
     )
     assert again["hint"].item() < out["hint"].item()
+
+
+def test_regressor_ends_in_a_relu_unless_asked_not_to() -> None:
+    # RepDistiller's ConvReg: conv -> BN -> ReLU (the teacher's hint is post-activation)
+    f_s = _student((4, 3, 4, 4))
+    relu = _fitnet()
+    assert relu.adapter(f_s).min().item() == 0.0
+    plain = FitNetLoss(
+        student_layer="a",
+        teacher_layer="b",
+        student_channels=3,
+        teacher_channels=5,
+        logit_loss=None,
+        adapter_relu=False,
+    )
+    plain.adapter.load_state_dict(relu.adapter.state_dict())
+    assert plain.adapter(f_s).min().item() < 0
+    assert torch.equal(torch.relu(plain.adapter(f_s)), relu.adapter(f_s))
 
 
 def test_logit_loss_parts_are_combined() -> None:
@@ -100,7 +128,8 @@ def test_nested_objectives_share_hooks_and_progress() -> None:
     obj = ATLoss({"blocks.5": "layer2"}, logit_loss=_fitnet(logit_loss=dkd))
     assert obj.student_features == {"hint": "blocks.10", "at0": "blocks.5"}
     obj.on_progress(step=30, epoch=5.0)
-    assert dkd.warmup_factor == 0.5  # the warm-up reaches the innermost objective
+    # the warm-up reaches the innermost objective: the 6th epoch (mdistiller counts from 1)
+    assert dkd.warmup_factor == pytest.approx(0.6)
     with pytest.raises(ValueError, match=r"feature name 'hint' is already used"):
         _fitnet(logit_loss=_fitnet())
 
@@ -116,8 +145,9 @@ def test_attention_transfer_objective() -> None:
     logits, y = torch.zeros(2, 3), torch.tensor([0, 2])
     out = obj(Outputs(logits, s_feats), Outputs(logits, t_feats), y)
     assert set(out) == {"loss", "at", "ce"}
-    assert out["at"].item() == pytest.approx(0.01938183624 + 0.01659061267, rel=1e-5)
-    assert out["loss"].item() == pytest.approx(500 * out["at"].item() + out["ce"].item(), rel=1e-5)
+    assert out["at"].item() == pytest.approx(0.01938183624 + 0.01893768265, rel=1e-5)
+    # beta · Σ (the authors' code, RepDistiller, mdistiller); it used to be beta/2 · Σ
+    assert out["loss"].item() == pytest.approx(1000 * out["at"].item() + out["ce"].item(), rel=1e-5)
 
 
 def test_attention_is_invariant_to_feature_scale() -> None:
@@ -162,5 +192,7 @@ def test_errors_name_the_problem() -> None:
         at_loss(torch.zeros(2, 3), torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"layers is empty"):
         ATLoss({}, logit_loss=None)
+    with pytest.raises(ValueError, match=r"resize must be one of \('feature', 'attention'\)"):
+        ATLoss({"a": "b"}, logit_loss=None, resize="bilinear")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"weight must be"):
         _fitnet(weight=-1.0)

@@ -22,6 +22,7 @@ from distill.types import Outputs
 Case = tuple[Objective, Outputs, Outputs | None, torch.Tensor | None]
 
 BIG = st.floats(-1e4, 1e4, allow_nan=False, width=32)
+P_NORM = st.sampled_from([1.0, 2.0, 50.0])
 TEMPERATURE = st.one_of(st.sampled_from([0.1, 1.0, 100.0]), st.floats(0.1, 100.0))
 
 
@@ -39,9 +40,13 @@ def _logit_case(draw: st.DrawFn, name: str) -> Case:
         return create_objective("ce", label_smoothing=0.1), Outputs(s), None, y
     if name == "kd":
         kwargs["alpha"] = draw(st.floats(0.0, 1.0))
+        kwargs["standardize"] = draw(st.booleans())
     if name == "dkd":
-        kwargs["warmup_epochs"] = 0
-    return create_objective(name, **kwargs), Outputs(s), Outputs(t), y
+        kwargs["warmup_epochs"] = draw(st.sampled_from([0.0, 1.0, 20.0]))
+        kwargs["warmup_schedule"] = draw(st.sampled_from(["epoch", "linear"]))
+    obj = create_objective(name, **kwargs)
+    obj.on_progress(0, draw(st.floats(0.0, 30.0)))  # what the Distiller does before each step
+    return obj, Outputs(s), Outputs(t), y
 
 
 @st.composite
@@ -64,7 +69,12 @@ def _embedding_case(draw: st.DrawFn, name: str) -> Case:
     b, ds, dt = draw(st.integers(1, 5)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
     kind = draw(st.sampled_from(["mse", "cosine", "rkd"]))
     obj = create_objective(
-        name, student_dim=ds, teacher_dim=dt, kind=kind, normalize=draw(st.booleans())
+        name,
+        student_dim=ds,
+        teacher_dim=dt,
+        kind=kind,
+        normalize=draw(st.booleans()),
+        average=draw(st.sampled_from(["all", "distinct"])),
     )
     return obj, Outputs(_tensor(draw, (b, ds))), Outputs(_tensor(draw, (b, dt))), None
 
@@ -85,9 +95,23 @@ def _feature_case(draw: st.DrawFn, name: str) -> Case:
             student_channels=cs,
             teacher_channels=ct,
             logit_loss=logit,
+            adapter_relu=draw(st.booleans()),
         )
         return obj, Outputs(s, {"hint": f_s}), Outputs(t, {"hint": f_t}), y
-    obj = create_objective("at", layers={"a": "b"}, logit_loss=logit)
+    if name in ("sp", "pkt", "cc"):
+        obj = create_objective(name, layers={"a": "b"}, logit_loss=logit)
+        return obj, Outputs(s, {f"{name}0": f_s}), Outputs(t, {f"{name}0": f_t}), y
+    if name == "vid":
+        obj = create_objective("vid", layers={"a": "b"}, channels=[(cs, ct)], logit_loss=logit)
+        return obj, Outputs(s, {"vid0": f_s}), Outputs(t, {"vid0": f_t}), y
+    if name == "ft":
+        obj = create_objective(
+            "ft", student_layer="a", teacher_layer="b", logit_loss=logit, p=draw(P_NORM)
+        )
+        f_t = _tensor(draw, tuple(f_s.shape))
+        return obj, Outputs(s, {"ft": f_s}), Outputs(t, {"ft": f_t}), y
+    resize = draw(st.sampled_from(["feature", "attention"]))
+    obj = create_objective("at", layers={"a": "b"}, logit_loss=logit, resize=resize)
     return obj, Outputs(s, {"at0": f_s}), Outputs(t, {"at0": f_t}), y
 
 
@@ -100,6 +124,12 @@ CASES: dict[str, Callable[[str], st.SearchStrategy[Case]]] = {
     "embedding": _embedding_case,
     "fitnet": _feature_case,
     "at": _feature_case,
+    "dist": _logit_case,
+    "sp": _feature_case,
+    "pkt": _feature_case,
+    "cc": _feature_case,
+    "vid": _feature_case,
+    "ft": _feature_case,
 }
 
 
@@ -129,7 +159,7 @@ def test_finite_loss_and_gradients(name: str) -> None:
 
 
 def test_create_objective_errors_name_the_choices() -> None:
-    with pytest.raises(ValueError, match=r"unknown loss 'kld'; choose one of \['at', 'ce'"):
+    with pytest.raises(ValueError, match=r"unknown loss 'kld'; choose one of \['at', 'cc', 'ce'"):
         create_objective("kld")
     with pytest.raises(TypeError, match=r"kd \(KDLoss\(temperature.*\): .*'temp'"):
         create_objective("kd", temp=4.0)
@@ -173,7 +203,27 @@ def _example(name: str) -> Case:
             Outputs(t, {"at0": maps_t}),
             y,
         ),
+        "dist": (create_objective("dist"), Outputs(s), Outputs(t), y),
+        "vid": (
+            create_objective("vid", layers={"a": "b"}, channels=[(3, 6)], logit_loss=KDLoss()),
+            Outputs(s, {"vid0": maps_s}),
+            Outputs(t, {"vid0": maps_t}),
+            y,
+        ),
+        "ft": (
+            create_objective("ft", student_layer="a", teacher_layer="b", logit_loss=KDLoss()),
+            Outputs(s, {"ft": maps_s}),
+            Outputs(t, {"ft": maps_t[:, :3, :4, :4]}),
+            y,
+        ),
     }
+    for relation in ("sp", "pkt", "cc"):
+        examples[relation] = (
+            create_objective(relation, layers={"a": "b"}, logit_loss=KDLoss()),
+            Outputs(s, {f"{relation}0": maps_s}),
+            Outputs(t, {f"{relation}0": maps_t}),
+            y,
+        )
     return examples[name]
 
 

@@ -363,3 +363,32 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path: Path, capsys: Any) -> 
     )
     assert code == 2
     assert "cannot write to --output-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["imagenet.py", "face_attributes.py", "facenet.py"])
+def test_every_flag_has_a_help_line_and_its_choices(script: str) -> None:
+    import dataclasses
+    import importlib
+
+    from recipes._config import RecipeConfig, field_comments
+
+    module = importlib.import_module(f"recipes.{script.removesuffix('.py')}")
+    cls = next(
+        v
+        for v in vars(module).values()
+        if isinstance(v, type) and issubclass(v, RecipeConfig) and v.__module__ == module.__name__
+    )
+    described = field_comments(cls)
+    assert [f.name for f in dataclasses.fields(cls) if f.name not in described] == []
+    text = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=launch_env(),
+    ).stdout
+    flat = " ".join(text.split())
+    assert "one of none, wandb" in flat or "one of none, wandb, tensorboard" in flat
+    assert "one of raise, skip" in flat and "one of no, bf16, fp16" in flat
+    assert "width multiplier (not the KD weight: see --kd-weight)" in flat
+    assert "weight of the teacher term, 1 - it on the labels (KD papers' alpha)" in flat

@@ -133,3 +133,90 @@ def test_bad_input(data: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "list_eval_partition.txt" in err and "img_align_celeba" in err
+
+
+# ------------------------------------------------------------------ missing annotations
+
+
+@pytest.fixture(scope="module")
+def celeba_missing(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A CelebA whose list_attr_celeba.txt writes 0 for about 30% of the attributes (not
+    annotated), as `tests.test_metrics_references.write_missing` plants them."""
+    import numpy as np
+
+    from tests.test_metrics_references import write_missing
+
+    root = tmp_path_factory.mktemp("celeba_missing_recipe") / "data"
+    info = make_celeba(root, n=24, size=(24, 30), splits=(16, 4, 4))
+    values = write_missing(info["base"] / "list_attr_celeba.txt", np.random.default_rng(5))
+    return root, values
+
+
+def scratch_args(root: Path, out: Path, steps: int = 1) -> list[str]:
+    return [
+        "--data-dir",
+        str(root),
+        "--method",
+        "multilabel_bce",
+        "--missing-label",
+        "-1",
+        *tiny_args(out, steps=steps),
+    ]
+
+
+def test_missing_annotations_train_and_evaluate(celeba_missing, tmp_path: Path) -> None:
+    root, _ = celeba_missing
+    with pytest.warns(UserWarning, match="no known positive label"):
+        assert main(scratch_args(root, tmp_path / "run")) == 0
+    m = read_json(tmp_path / "run" / "metrics.json")
+    assert set(m["metrics"]) == {"mAP", "mean_acc"} and m["info_recipe"]["missing_label"] == -1
+
+
+def test_missing_annotations_reach_the_evaluator(celeba_missing, tmp_path: Path) -> None:
+    """The recipe's eval loader and objective, through the evaluator the Distiller makes
+    (`make_evaluator(task, objective)`), against sklearn on the attribute file itself."""
+    import contextlib
+
+    import numpy as np
+    import torch
+
+    from distill.evaluation import evaluate_loader, make_evaluator, student_net
+    from recipes._config import parse_config
+    from recipes._run import Context
+    from recipes.face_attributes import FaceAttributesConfig, build
+    from tests.test_metrics_references import reference_map
+
+    root, values = celeba_missing
+    cfg, _ = parse_config(FaceAttributesConfig, scratch_args(root, tmp_path / "x"))
+    built = build(cfg, Context(cfg, None, 4, 4))
+    assert built.objective.missing_label == -1
+    built.student.eval()
+    net = student_net(built.student)
+
+    class CPU:  # what evaluate_loader needs of an Accelerator, on one process
+        device = torch.device("cpu")
+        autocast = staticmethod(contextlib.nullcontext)
+        gather_for_metrics = staticmethod(lambda x: x)
+
+    with torch.no_grad():
+        scores = torch.cat([net(b["input"], None) for b in built.eval_loader]).double().numpy()
+    evaluator = make_evaluator(built.task, built.objective)
+    with pytest.warns(UserWarning, match="no known positive label"):
+        got = evaluate_loader(net, built.eval_loader, evaluator, accelerator=CPU())
+    ref_map, ref_acc = reference_map(values[16:20], scores)  # the valid partition: rows 17-20
+    assert np.isfinite(ref_map) and got["mAP"] == pytest.approx(ref_map, abs=1e-9)
+    assert got["mean_acc"] == pytest.approx(ref_acc, abs=1e-9)
+
+
+def test_teacher_stage_refuses_a_resolution_it_would_ignore(
+    data: dict[str, Path], tmp_path: Path, capsys: Any
+) -> None:
+    args = [
+        "--stage", "teacher", "--data-dir", str(data["root"]),
+        "--teacher", "torchvision:mobilenet_v3_small weights=none input_size=32",
+        *tiny_args(tmp_path / "t", steps=1),
+    ]  # fmt: skip
+    args[args.index("--resolution") + 1] = "64"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "trains the teacher at its own input size (32 px" in err and "input_size=64" in err

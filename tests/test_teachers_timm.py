@@ -125,3 +125,21 @@ def test_unknown_model_and_tag(hf_home: Path) -> None:
 def test_pretrained_false(hf_home: Path) -> None:
     t = teachers.load(f"timm:{MODEL}", pretrained=False, num_classes=7)
     assert t.meta["num_outputs"] == 7 and "random init" in t.meta["source"]
+
+
+def test_test_resolution_is_said_and_can_be_switched(caplog: pytest.LogCaptureFixture) -> None:
+    """timm's resnet18.a1_in1k trains at 224 px and is validated at 288 px: the teacher is fed
+    at 288 by default (as timm validates), the log says so and what it costs, and size=train
+    feeds it at 224."""
+    import logging
+
+    import teachers
+
+    with caplog.at_level(logging.WARNING, logger="teachers.timm_zoo"):
+        test = teachers.load("timm:resnet18.a1_in1k", pretrained=False)
+    assert test.input_size == (288, 288)
+    assert "test resolution 288 px (training resolution 224 px, test 1.65x" in caplog.text
+    train = teachers.load("timm:resnet18.a1_in1k", pretrained=False, size="train")
+    assert train.input_size == (224, 224)
+    with pytest.raises(ValueError, match="size must be 'test' or 'train'"):
+        teachers.load("timm:resnet18.a1_in1k", pretrained=False, size="big")

@@ -1,8 +1,16 @@
-"""`python -m distill cache-teacher`: run a teacher once over K crops of every image, store top-k.
+"""`python -m distill cache-teacher`: run a teacher once over K crops of every image, store its
+answers (class logits: the top-k plus the other classes in 8 bits, or their mass only).
 
 python -m distill cache-teacher --teacher-arch torchvision:resnet50 \\
     --teacher-weights resnet50.safetensors --data-dir data/imagenet/train --out cache/r50 \\
     --crops 10 --topk 10 --resolution 224 --batch-size 256
+
+`--tail quantized` (the default) keeps every other logit in 8 bits: the cached KD loss is the
+online one at every temperature (about C bytes more per crop). `--tail mass --temperatures 1 4`
+keeps only the other classes' total mass at those temperatures (4 bytes each): the loss is
+exact there in value for a student that has not learnt the teacher's tail, not in gradient,
+and training at any other temperature is refused (`distill.data.cache.topk`). `--kind
+multilabel` or `embedding` stores a teacher's N outputs whole, in float32.
 
 The teacher is an architecture name (a registered student, `timm:<model>` or
 `torchvision:<model>`, built without downloading anything) plus a local weights file, loaded
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 from typing import Any
 
@@ -44,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("teacher")
     t.add_argument("--teacher-arch", required=True, help="e.g. torchvision:resnet50, timm:resnet50")
     t.add_argument("--teacher-weights", required=True, help=".safetensors or .pt/.pth state dict")
-    t.add_argument("--num-classes", type=int, default=1000, help="teacher outputs (default 1000)")
+    t.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="teacher outputs (default: read from the checkpoint's last layer)",
+    )
     t.add_argument(
         "--teacher-arg",
         action="append",
@@ -73,8 +87,34 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder (manifest.json + shards)")
     c.add_argument("--crops", type=int, default=10, help="augmentation draws per image (K)")
     c.add_argument("--topk", type=int, default=10, help="logits kept per draw (k)")
+    c.add_argument(
+        "--kind",
+        choices=["logits", "multilabel", "embedding"],
+        default="logits",
+        help="what the teacher outputs; multilabel and embedding outputs are stored whole",
+    )
+    c.add_argument(
+        "--tail",
+        choices=["quantized", "mass"],
+        default="quantized",
+        help="the classes outside the top k: 8 bits each (every temperature), or their mass",
+    )
+    c.add_argument(
+        "--temperatures",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        metavar="T",
+        help="temperatures whose tail mass is stored (1 always is); with --tail mass, the only "
+        "ones training may use",
+    )
     c.add_argument("--batch-size", type=int, default=256)
-    c.add_argument("--workers", type=int, default=4, help="DataLoader workers decoding images")
+    c.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, max(0, (os.cpu_count() or 1) - 1)),
+        help="DataLoader workers decoding images (default: up to 4, one core left free)",
+    )
     c.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu, ...")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--shard-size", type=int, default=50_000, help="images per shard")
@@ -96,21 +136,42 @@ def _builder_kwargs(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _classes_in(state: dict[str, Any], path: Any) -> int:
+    """The output count of a classifier checkpoint: the rows of its last 2-D weight."""
+    weights = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    if not weights:
+        raise ValueError(
+            f"{path}: no classifier layer to read the class count from; set --num-classes"
+        )
+    return int(weights[-1].shape[0])
+
+
+def _shape_mismatches(state: dict[str, Any], model: dict[str, Any]) -> list[str]:
+    return [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(model[k].shape)}"
+        for k, v in state.items()
+        if k in model and tuple(v.shape) != tuple(model[k].shape)
+    ]
+
+
 def build_teacher(args: argparse.Namespace) -> torch.nn.Module:
     from distill.models import create_student
     from distill.serialization import load_state_dict
     from distill.teacher import Teacher
 
-    kwargs = {"num_classes": args.num_classes, **_builder_kwargs(args.teacher_arg)}
+    state = load_state_dict(args.teacher_weights)
+    num_classes = args.num_classes or _classes_in(state, args.teacher_weights)
+    kwargs = {"num_classes": num_classes, **_builder_kwargs(args.teacher_arg)}
     model = create_student(args.teacher_arch, **kwargs)
     state = load_state_dict(args.teacher_weights, expected_keys=model.state_dict().keys())
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
+    shapes = _shape_mismatches(state, model.state_dict())
+    if shapes:
         raise ValueError(
-            f"{args.teacher_weights} does not fit {args.teacher_arch} ({str(e).splitlines()[1:2]}...); "
-            "check --teacher-arch, --teacher-arg and --num-classes"
-        ) from None
+            f"{args.teacher_weights} does not fit {args.teacher_arch} with {num_classes} "
+            f"classes: {len(shapes)} tensors differ in shape, e.g. {'; '.join(shapes[:3])}. "
+            "Check --teacher-arch, --teacher-arg and --num-classes"
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
             f"{args.teacher_weights} does not fit {args.teacher_arch}: missing "
@@ -126,6 +187,7 @@ def build_teacher(args: argparse.Namespace) -> torch.nn.Module:
         student_std=args.std,
         source=str(args.teacher_weights),
         name=args.teacher_arch,
+        output=getattr(args, "kind", "logits"),
     )
 
 
@@ -143,19 +205,44 @@ def main(argv: list[str]) -> int:
             ratio=tuple(args.ratio),
             flip_p=args.flip_p,
         )
-        dataset = ReplayableImages.from_folder(args.data_dir, transform)
+        # absolute: the cache names files relative to the folder, wherever it is run from
+        dataset = ReplayableImages.from_folder(os.path.abspath(args.data_dir), transform)
     except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    cache = build_cache(
+    try:
+        cache = _build(args, teacher, dataset, device)
+    except ValueError as e:  # a different cache in --out, a teacher that does not fit ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = cache.manifest
+    what = (
+        f"top-{cache.topk} of {cache.num_classes} classes"
+        if cache.kind == "logits"
+        else f"{cache.num_classes} {cache.kind} outputs"
+    )
+    print(
+        f"cached {len(cache)} images x {cache.crops} crops, {what}: "
+        f"{cache.path} ({cache.nbytes() / 2**20:.1f} MiB, "
+        f"fingerprint {cache.fingerprint.digest[:12]}, "
+        f"{m.get('build', {}).get('draws_per_s', '?')} crops/s)"
+    )
+    return 0
+
+
+def _build(args: argparse.Namespace, teacher: Any, dataset: Any, device: str) -> Any:
+    return build_cache(
         teacher,
         dataset,
         args.out,
         crops=args.crops,
-        topk=args.topk,
+        topk=args.topk if args.kind == "logits" else None,
+        kind=args.kind,
+        tail=args.tail,
+        temperatures=args.temperatures,
         batch_size=args.batch_size,
         device=device,
         seed=args.seed,
@@ -164,11 +251,3 @@ def main(argv: list[str]) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
-    m = cache.manifest
-    print(
-        f"cached {len(cache)} images x {cache.crops} crops, top-{cache.topk} of "
-        f"{cache.num_classes} classes: {cache.path} ({cache.nbytes() / 2**20:.1f} MiB, "
-        f"fingerprint {cache.fingerprint.digest[:12]}, "
-        f"{m.get('build', {}).get('draws_per_s', '?')} crops/s)"
-    )
-    return 0

@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     from distill.tracking import MetricsFileError
 
     try:
-        runs = load_runs(args.runs)
+        runs = load_runs(args.runs, say=lambda msg: print(f"note: {msg}", file=sys.stderr))
         out = write_report(runs, args.output, title=args.title)
     except (FileNotFoundError, MetricsFileError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,6 +2,11 @@
 
 python -m distill profile mobilenet_v1 --alpha 0.5 --resolution 160
 python -m distill profile timm:resnet18 --resolution 224 --latency --device cpu
+python -m distill profile runs/kd-a0.5-r160 --latency        # a run folder's student
+
+--latency on the CPU also exports the model to ONNX (a temporary file) and times it with ONNX
+Runtime next to eager PyTorch: batch 1 and batch --latency-batch, one thread and all of them,
+median and p90 (distill.export.latency; the ONNX rows need the `export` extra).
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ import argparse
 import inspect
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from distill.models import create_student, get_student_builder, list_students
 from distill.paper import find_figure
@@ -23,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "name",
-        help=f"registered student ({', '.join(list_students())}) or timm:<model> / torchvision:<model>",
+        help=f"registered student ({', '.join(list_students())}), timm:<model> / "
+        "torchvision:<model>, or a run folder",
     )
     p.add_argument("--alpha", type=float, help="width multiplier (MobileNet students)")
     p.add_argument(
@@ -36,12 +44,57 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device for --latency (default: cpu)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument(
+        "--latency-batch", type=int, default=32, help="batch N of the ONNX Runtime/PyTorch table"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
+def _from_run(args: argparse.Namespace) -> tuple[Any, dict[str, object]] | int:
+    from distill.export.run import ExportError, load_run
+
+    try:
+        run = load_run(args.name)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.resolution is None:
+        args.resolution = run.preprocess.input_size[1]
+    return run.model, {"student": run.student, "alpha": run.alpha}
+
+
+def _latency_table(model: Any, prof: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+    if not args.latency or str(args.device) != "cpu":
+        return None
+    from distill.export.latency import LatencySettings, model_latency
+
+    settings = LatencySettings(
+        batch_sizes=tuple(dict.fromkeys((1, args.latency_batch))),
+        warmup=args.warmup,
+        repeats=max(2, args.repeats),
+    )
+    return model_latency(model, prof.input_size, settings=settings)
+
+
+def _print_table(table: dict[str, Any] | None) -> None:
+    if table is None:
+        return
+    from distill.export.latency import format_latency_table
+
+    print(f"  CPU latency on {table['device']}, ms per batch (median, p90 of {table['repeats']}):")
+    print("    " + format_latency_table(table["rows"]).replace("\n", "\n    "))
+    if table.get("note"):
+        print(f"  note: {table['note']}")
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    if Path(args.name).is_dir():
+        built = _from_run(args)
+        if isinstance(built, int):
+            return built
+        return _report(args, *built)
     prefixed = ":" in args.name
     kwargs: dict[str, object] = {}
     if args.num_classes is not None:
@@ -62,6 +115,10 @@ def main(argv: list[str]) -> int:
     except (KeyError, TypeError, ValueError, ImportError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
+    return _report(args, model, kwargs)
+
+
+def _report(args: argparse.Namespace, model: Any, kwargs: dict[str, object]) -> int:
     prof = profile(
         model,
         args.resolution,
@@ -71,12 +128,15 @@ def main(argv: list[str]) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
     )
+    table = _latency_table(model, prof, args)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     figure = None
     if "alpha" in cfg and "variant" in cfg and prof.input_size[1] == prof.input_size[2]:
         figure = find_figure(float(cfg["alpha"]), prof.input_size[1], str(cfg["variant"]))
     if args.json:
         out = {"name": args.name, **kwargs, **prof.to_dict()}
+        if table is not None:
+            out["latency_table"] = table
         if figure is not None:
             out["paper"] = {
                 "table": figure.table,
@@ -98,6 +158,7 @@ def main(argv: list[str]) -> int:
             f"  latency     {prof.latency_ms:.2f} ms per batch of {prof.batch_size} on "
             f"{prof.device} (median of {args.repeats})"
         )
+    _print_table(table)
     if figure is not None:
         dev = 100.0 * (prof.mult_adds_m / figure.mult_adds_m - 1.0)
         print(

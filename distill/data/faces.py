@@ -49,9 +49,20 @@ def _tokens(line: str) -> list[str]:
     return next(csv.reader([line], delimiter=" ", skipinitialspace=True), [])
 
 
-def validate_celeba(base: str | Path) -> None:
-    """Check the CelebA folder `base` line by line, as torchvision will parse it."""
+def validate_celeba(base: str | Path, *, missing: bool = False) -> None:
+    """Check the CelebA folder `base` line by line, as torchvision will parse it.
+
+    Attributes are -1 or 1; with `missing`, 0 is also accepted and marks an attribute nobody
+    annotated (see `CelebAFaces`).
+    """
     base = Path(base)
+    allowed = (-1, 0, 1) if missing else (-1, 1)
+    allowed_text = (
+        "-1, 0 (not annotated) or 1"
+        if missing
+        else "-1 or 1 (0 marks a missing annotation only when a missing label is set, e.g. "
+        "--missing-label -1)"
+    )
     if not (base / "img_align_celeba").is_dir():
         raise DataLayoutError(base, "no img_align_celeba/ folder", CELEBA_LAYOUT)
     order: list[str] | None = None
@@ -96,8 +107,8 @@ def validate_celeba(base: str | Path) -> None:
                 values = [int(t) for t in toks[1:]]
             except ValueError:
                 raise AnnotationError(path, i, f"values must be integers: {line!r}") from None
-            if kind == "attr" and any(v not in (-1, 1) for v in values):
-                raise AnnotationError(path, i, f"attributes must be -1 or 1: {line!r}")
+            if kind == "attr" and any(v not in allowed for v in values):
+                raise AnnotationError(path, i, f"attributes must be {allowed_text}: {line!r}")
             if kind == "partition" and values[0] not in (0, 1, 2):
                 raise AnnotationError(
                     path, i, f"partition must be 0 (train), 1 (valid) or 2 (test): {line!r}"
@@ -119,13 +130,21 @@ def validate_celeba(base: str | Path) -> None:
 
 
 class _CelebA(CelebA):
-    def __init__(self, root: str, base_folder: str, **kwargs: Any) -> None:
+    def __init__(self, root: str, base_folder: str, missing: bool, **kwargs: Any) -> None:
         self.base_folder = base_folder
+        self.missing = missing
         super().__init__(root, **kwargs)
 
     def _check_integrity(self) -> bool:
-        validate_celeba(os.path.join(self.root, self.base_folder))
+        validate_celeba(os.path.join(self.root, self.base_folder), missing=self.missing)
         return True
+
+    def raw_attr(self) -> torch.Tensor:
+        """(N, 40) int in {-1, 0, 1} as the file writes them, rows in `self.filename` order
+        (torchvision's `attr` maps 0 to 0 with -1, i.e. to a negative)."""
+        csv_ = self._load_csv("list_attr_celeba.txt", header=1)
+        row = {name: i for i, name in enumerate(csv_.index)}
+        return csv_.data[[row[name] for name in self.filename]]
 
 
 def _celeba_root(root: str | Path) -> tuple[str, str]:
@@ -143,6 +162,11 @@ class CelebAFaces(Dataset[dict[str, Any]]):
     "attr": (40,) float32 in {0, 1} (multi-label BCE / multi-label KD);
     "identity": the identity number as in identity_CelebA.txt (1-based, int64);
     None: no target (teacher-only distillation on unlabelled faces).
+
+    `missing_label`: list_attr_celeba.txt may then write 0 for an attribute nobody annotated
+    (-1 and 1 as usual elsewhere); the target holds `missing_label` there, the value the
+    multi-label objectives and evaluator are given to leave those entries out (e.g. -1, or
+    NaN). Without it a 0 in the file is an error: torchvision would read it as a negative.
     """
 
     def __init__(
@@ -153,17 +177,30 @@ class CelebAFaces(Dataset[dict[str, Any]]):
         *,
         target: str | None = "attr",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        missing_label: float | None = None,
     ) -> None:
+        if missing_label is not None and 0.0 <= missing_label <= 1.0:
+            raise ValueError(
+                f"missing_label={missing_label} collides with the 0/1 labels; use e.g. -1"
+            )
         if target not in ("attr", "identity", None):
             raise ValueError(f"target must be 'attr', 'identity' or None, got {target!r}")
         if split not in ("train", "valid", "test", "all"):
             raise ValueError(f"CelebA split must be train/valid/test/all, got {split!r}")
         tv_root, base_folder = _celeba_root(root)
-        self.tv = _CelebA(tv_root, base_folder, split=split, target_type=["attr", "identity"])
+        self.tv = _CelebA(
+            tv_root,
+            base_folder,
+            missing_label is not None,
+            split=split,
+            target_type=["attr", "identity"],
+        )
         self.images_dir = Path(tv_root) / base_folder / "img_align_celeba"
         self.attr_names = [n for n in self.tv.attr_names if n]
         self.filenames: list[str] = list(self.tv.filename)
         self.attr = self.tv.attr.to(torch.float32)  # (N, 40) in {0, 1}
+        if missing_label is not None:
+            self.attr[self.tv.raw_attr() == 0] = missing_label
         self.identity = self.tv.identity[:, 0].to(torch.int64)
         self.transform = transform
         self.target = target

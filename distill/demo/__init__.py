@@ -38,7 +38,6 @@ from distill.demo.study import (
 from distill.demo.summary import (
     Gain,
     Row,
-    device_name,
     format_count,
     format_gains,
     format_table,
@@ -60,6 +59,7 @@ from distill.demo.train import (
     predictions,
     train_run,
 )
+from distill.timing import device_name  # the one definition, re-exported for the demo
 
 __all__ = [
     "DATASET",

@@ -47,6 +47,8 @@ class DemoConfig:
     experiment: str = EXPERIMENT
     project: str = "mobiledistill-demo"
     measure_speed: bool = True
+    export: bool = True  # ship the best distilled student: ONNX + INT8, latency (export extra)
+    latency_repeats: int = 20  # timed runs per latency setting of the export step
     write_report: bool = True
 
     @classmethod
@@ -61,6 +63,7 @@ class DemoConfig:
             teacher_settings=TrainSettings(steps=30),
             student_settings=TrainSettings(steps=20),
             experiment=f"{EXPERIMENT}-quick",
+            latency_repeats=5,
         )
         return replace(base, **overrides)
 
@@ -76,6 +79,8 @@ class DemoConfig:
             p.append("give at least one seed")
         if not 0 < self.train_fraction <= 1:
             p.append(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+        if self.export and self.latency_repeats < 2:
+            p.append(f"latency_repeats must be >= 2, got {self.latency_repeats}")
         if self.teacher_resolution < 8:
             p.append(f"teacher_resolution must be >= 8, got {self.teacher_resolution}")
         p += [f"teacher: {x}" for x in self.teacher_settings.problems()]
@@ -89,6 +94,7 @@ class StudyResult:
     teacher: RunResult
     students: list[RunResult]
     wall_s: float
+    shipped: dict[str, Any] | None = None  # export.json of the student the export step shipped
 
 
 MARKER = "demo.json"  # written into `out`: a folder holding it may be replaced by a new demo
@@ -212,7 +218,12 @@ def run_study(cfg: DemoConfig, log: Callable[[str], None] = print) -> StudyResul
     students = train_students(cfg, teacher, log)
     if cfg.measure_speed:
         measure_inference([teacher, *students])
-    result = StudyResult(cfg, teacher, students, time.perf_counter() - start)
+    shipped = None
+    if cfg.export:  # before the report, which plots the latency it measures
+        from distill.demo.ship import ship_best
+
+        shipped = ship_best(out, students, log, repeats=cfg.latency_repeats)
+    result = StudyResult(cfg, teacher, students, time.perf_counter() - start, shipped)
     from distill.demo.summary import summary_dict
 
     (out / MARKER).write_text(json.dumps(summary_dict(result), indent=2, default=str) + "\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -108,7 +107,7 @@ def format_table(table: Sequence[Row]) -> str:
     """A Markdown table: error mean ± std over seeds, agreement, costs, throughput."""
     head = (
         "| model | role | resolution | error % (mean ± std) | seeds | agrees with teacher % "
-        "| mult-adds | params | images/s |"
+        "| mult-adds | params | inference images/s (batch 256) |"
     )
     lines = [head, "|" + "---|" * 9]
     for r in table:
@@ -162,19 +161,3 @@ def summary_dict(result: StudyResult) -> dict[str, Any]:
         "gains": [{**asdict(g), "points": g.points} for g in gains(table)],
         "runs": [r.record.get("run_name") for r in [result.teacher, *result.students]],
     }
-
-
-def device_name() -> str:
-    """The CPU as "cpu (<model name>, N cores)", from /proc/cpuinfo where there is one."""
-    import platform
-
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"cpu ({name}, {os.cpu_count()} cores)"

@@ -30,7 +30,8 @@ from distill.losses.feature import (
     hint_loss,
     resize_map,
 )
-from distill.losses.kd import KDLoss, kd_loss, kd_parts, soft_kd_loss
+from distill.losses.feature_match import FTLoss, VIDLoss, VIDRegressor, ft_loss, vid_nll
+from distill.losses.kd import KDLoss, kd_loss, kd_parts, soft_kd_loss, standardize_logits
 from distill.losses.multilabel import (
     MultiLabelBCE,
     MultiLabelKDLoss,
@@ -38,6 +39,18 @@ from distill.losses.multilabel import (
     multilabel_kd_loss,
     multilabel_kd_parts,
     soft_multilabel_kd_loss,
+)
+from distill.losses.relation import (
+    CCLoss,
+    DISTLoss,
+    PKTLoss,
+    SPLoss,
+    cc_loss,
+    dist_loss,
+    dist_parts,
+    pkt_loss,
+    rbf_correlation,
+    sp_loss,
 )
 
 # Method names as they appear in recipes' --method and in metrics.json's "method".
@@ -50,6 +63,12 @@ LOSSES: dict[str, type[Objective]] = {
     "embedding": EmbeddingDistillLoss,
     "fitnet": FitNetLoss,
     "at": ATLoss,
+    "dist": DISTLoss,
+    "sp": SPLoss,
+    "pkt": PKTLoss,
+    "cc": CCLoss,
+    "vid": VIDLoss,
+    "ft": FTLoss,
 }
 
 
@@ -68,32 +87,48 @@ def create_objective(name: str, **kwargs: Any) -> Objective:
 __all__ = [
     "LOSSES",
     "ATLoss",
+    "CCLoss",
     "CrossEntropy",
+    "DISTLoss",
     "DKDLoss",
     "EmbeddingDistillLoss",
+    "FTLoss",
     "FitNetLoss",
     "HintAdapter",
     "KDLoss",
     "MultiLabelBCE",
     "MultiLabelKDLoss",
     "Objective",
+    "PKTLoss",
+    "SPLoss",
+    "VIDLoss",
+    "VIDRegressor",
     "at_loss",
     "attention_map",
+    "cc_loss",
     "create_objective",
+    "dist_loss",
+    "dist_parts",
     "dkd_loss",
     "dkd_parts",
     "embedding_cosine_loss",
     "embedding_mse_loss",
+    "ft_loss",
     "hint_loss",
     "kd_loss",
     "kd_parts",
     "multilabel_bce_loss",
     "multilabel_kd_loss",
     "multilabel_kd_parts",
+    "pkt_loss",
+    "rbf_correlation",
     "resize_map",
     "rkd_angle_loss",
     "rkd_distance_loss",
     "rkd_loss",
     "soft_kd_loss",
     "soft_multilabel_kd_loss",
+    "sp_loss",
+    "standardize_logits",
+    "vid_nll",
 ]

@@ -7,15 +7,27 @@ KD splits into a target-class term and a non-target-class term:
     dkd  = alpha · TCKD + beta · NCKD                                        (batch means)
 
 computed from log-softmax/log-sum-exp values (never log of a probability), so logits of ±1e4
-stay finite. The paper's CIFAR-100 setting is alpha=1, beta=8, T=4 (ImageNet: beta=0.5, T=1).
+stay finite (mdistiller masks the target logit by subtracting 1000 instead; the two agree for
+logits of ordinary size). Published settings (megvii-research/mdistiller, the authors' code):
+CIFAR-100 alpha=1, T=4, warm-up 20 epochs, beta=8 (2 or 6 for some pairs, configs/cifar100/dkd/);
+ImageNet T=1, warm-up 1 epoch, beta=0.5 for ResNet-34 -> ResNet-18
+(configs/imagenet/r34_r18/dkd.yaml) and beta=2 for ResNet-50 -> MobileNetV1
+(configs/imagenet/r50_mv1/dkd.yaml).
 
-`DKDLoss` adds cross-entropy and ramps the DKD term in linearly over `warmup_epochs`:
-factor = min(epoch / warmup_epochs, 1), with the fractional epoch the loop reports through
-`on_progress` (0 at the start of training). Forgetting to report progress raises instead of
-silently training without the DKD term.
+`DKDLoss` adds cross-entropy and warms the DKD term up over `warmup_epochs`. The default,
+warmup_schedule="epoch", follows mdistiller: factor = min(e / warmup_epochs, 1) with e the
+integer epoch counted from 1 and held for the whole epoch, so warmup_epochs=1 gives full DKD from
+the first step and 20 gives 1/20 in the first epoch. The loop reports a 0-based fractional epoch
+through `on_progress` (the Distiller: epoch + batch / batches per epoch), so e = floor(epoch) + 1.
+warmup_schedule="linear" ramps per step instead, min(epoch / warmup_epochs, 1) from 0 at the
+first step: smoother, but not the schedule the published numbers used. Forgetting to report
+progress raises instead of silently training without the DKD term.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +42,9 @@ from distill.losses.base import (
     check_positive,
 )
 from distill.types import Outputs
+
+WarmupSchedule = Literal["epoch", "linear"]
+WARMUP_SCHEDULES: tuple[str, ...] = ("epoch", "linear")
 
 
 def _non_target(z: Tensor, target: Tensor) -> Tensor:
@@ -82,14 +97,19 @@ def dkd_loss(
 ) -> Tensor:
     """alpha · TCKD + beta · NCKD (both T²-scaled, batch mean); logits (B, K), target (B,)."""
     check_non_negative("alpha", alpha, "the TCKD weight; the paper uses 1")
-    check_non_negative("beta", beta, "the NCKD weight; the paper uses 8 (CIFAR), 0.5 (ImageNet)")
+    check_non_negative(
+        "beta",
+        beta,
+        "the NCKD weight; 8 on CIFAR, 0.5 (R34->R18) or 2 (R50->MobileNetV1) on ImageNet",
+    )
     p = dkd_parts(student_logits, teacher_logits, target, temperature=temperature)
     return alpha * p["tckd"] + beta * p["nckd"]
 
 
 class DKDLoss(Objective):
     """DKD objective; parts "ce", "tckd", "nckd";
-    loss = ce_weight·ce + warm-up factor·(alpha·tckd + beta·nckd).
+    loss = ce_weight·ce + warm-up factor·(alpha·tckd + beta·nckd), the warm-up factor by
+    default mdistiller's (see the module docstring; `warmup_factor` is the current value).
     """
 
     def __init__(
@@ -100,15 +120,25 @@ class DKDLoss(Objective):
         *,
         ce_weight: float = 1.0,
         warmup_epochs: float = 20.0,
+        warmup_schedule: WarmupSchedule = "epoch",
     ) -> None:
         super().__init__()
         self.alpha = check_non_negative("alpha", alpha, "the TCKD weight; the paper uses 1")
-        self.beta = check_non_negative("beta", beta, "the NCKD weight; the paper uses 8 or 0.5")
+        self.beta = check_non_negative(
+            "beta", beta, "the NCKD weight; 8 on CIFAR, 0.5 or 2 on ImageNet"
+        )
         self.temperature = check_positive("temperature", temperature, "the paper uses 4 or 1")
         self.ce_weight = check_non_negative("ce_weight", ce_weight)
         self.warmup_epochs = check_non_negative(
-            "warmup_epochs", warmup_epochs, "0 disables the warm-up; the paper uses 20"
+            "warmup_epochs", warmup_epochs, "0 disables the warm-up; 20 on CIFAR, 1 on ImageNet"
         )
+        if warmup_schedule not in WARMUP_SCHEDULES:
+            raise ValueError(
+                f"warmup_schedule must be one of {WARMUP_SCHEDULES}, got {warmup_schedule!r}: "
+                "'epoch' is mdistiller's min(epoch / warmup_epochs, 1) with the epoch counted "
+                "from 1, 'linear' a per-step ramp from 0"
+            )
+        self.warmup_schedule: WarmupSchedule = warmup_schedule
         self.epoch: float | None = None
 
     def on_progress(self, step: int, epoch: float) -> None:
@@ -124,7 +154,10 @@ class DKDLoss(Objective):
                 "objective.on_progress(step, epoch) before each step (the Distiller does), or "
                 "pass warmup_epochs=0"
             )
-        return min(max(self.epoch, 0.0) / self.warmup_epochs, 1.0)
+        done = max(self.epoch, 0.0)  # 0-based, fractional
+        if self.warmup_schedule == "epoch":  # mdistiller: the 1-based integer epoch, whole epochs
+            return min((math.floor(done) + 1) / self.warmup_epochs, 1.0)
+        return min(done / self.warmup_epochs, 1.0)
 
     def forward(
         self, student: Outputs, teacher: Outputs | None, target: Tensor | None
@@ -141,5 +174,6 @@ class DKDLoss(Objective):
     def extra_repr(self) -> str:
         return (
             f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
-            f"ce_weight={self.ce_weight}, warmup_epochs={self.warmup_epochs}"
+            f"ce_weight={self.ce_weight}, warmup_epochs={self.warmup_epochs}, "
+            f"warmup_schedule={self.warmup_schedule!r}"
         )

@@ -5,10 +5,22 @@
   mean_b ||e_s − e_t||². On L2-normalised embeddings (the default) this equals 2 − 2·cos.
 - "cosine": mean_b (1 − cos(e_s, e_t)).
 - "rkd": relational KD (Park et al., CVPR 2019): distance-wise term (pairwise distances, each
-  side divided by its mean distance, Huber/smooth-L1 between the sides, averaged over pairs
-  i ≠ j) plus angle-wise term (cosines of the angles formed by every triplet of distinct samples,
-  smooth-L1, averaged over triplets). Default weights 1 and 2 follow the paper's metric-learning
-  setting. It compares relations, so the embedding sizes may differ. Memory is O(B²·D + B³).
+  side divided by its mean over pairs i ≠ j, smooth-L1 between the sides) plus angle-wise term
+  (cos∠(x_j − x_i, x_k − x_i) per triplet, smooth-L1). The default follows the authors' code
+  (lenscloth/RKD, metric/loss.py), which torchdistill's `RKDLoss` refactors and RepDistiller
+  copies: the smooth-L1 is averaged over all B² pairs and all B³ triplets, the entries with
+  i = j or a repeated index included (they add 0), and the weights 1 and 2 are those of the
+  authors' metric-learning runs (`--dist_ratio 1 --angle_ratio 2`, examples/*.sh). RepDistiller's
+  CIFAR setting is distance_weight=25, angle_weight=50 on the raw penultimate features
+  (normalize=False). `average="distinct"` divides by the B(B − 1) pairs and B(B − 1)(B − 2)
+  triplets of distinct samples instead, which keeps the scale independent of the batch size
+  (×B/(B − 1) and ×B²/((B − 1)(B − 2)) of the default: ×1.14 and ×1.52 at B = 8). Where ours
+  differs: `normalize=True` (the default) L2-normalises both embeddings first, because FaceNet
+  embeddings are compared on the unit sphere; the authors' example normalises the teacher only
+  and torchdistill neither, so normalize=False equals torchdistill's `RKDLoss` on the given
+  features. A duplicated sample defines no distance or angle and is left out here; the
+  references count it as distance 1e-6 and cosine 0. It compares relations, so the embedding
+  sizes may differ. Memory is O(B²·D + B³).
 
 `EmbeddingDistillLoss` adds a learnable linear projection (student_dim -> teacher_dim, no bias)
 for "mse"/"cosine" when the sizes differ. The projection is a training aid: the student's own
@@ -28,6 +40,8 @@ from distill.types import Outputs
 
 Kind = Literal["mse", "cosine", "rkd"]
 KINDS: tuple[str, ...] = ("mse", "cosine", "rkd")
+Average = Literal["all", "distinct"]
+AVERAGES: tuple[str, ...] = ("all", "distinct")
 _SQ_EPS = 1e-12  # squared distances below this count as 0 (duplicates): no direction, no gradient
 
 
@@ -74,15 +88,28 @@ def _pairwise(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return diff, sq, (sq > _SQ_EPS).to(x.dtype)
 
 
-def rkd_distance_loss(student: Tensor, teacher: Tensor, *, normalize: bool = True) -> Tensor:
-    """Smooth-L1 between mean-normalised pairwise distances, averaged over pairs i ≠ j."""
+def _check_average(average: str) -> None:
+    if average not in AVERAGES:
+        raise ValueError(
+            f"average must be one of {AVERAGES}, got {average!r}: 'all' averages over all B² "
+            "pairs / B³ triplets (the RKD authors' code, torchdistill), 'distinct' over distinct ones"
+        )
+
+
+def rkd_distance_loss(
+    student: Tensor, teacher: Tensor, *, normalize: bool = True, average: Average = "all"
+) -> Tensor:
+    """Smooth-L1 between pairwise distances, each side divided by its mean over pairs i ≠ j;
+    averaged over all B² pairs (average="all") or the B(B − 1) pairs i ≠ j ("distinct")."""
     _check_embeddings(student, teacher, same_dim=False)
+    _check_average(average)
     b = student.shape[0]
     s, t = _prepare(student, normalize), _prepare(teacher.detach(), normalize)
     if b < 2:
         return s.sum() * 0.0  # no pairs: no relation to match
     off = 1.0 - torch.eye(b, dtype=s.dtype, device=s.device)  # (B, B)
     n_pairs = b * (b - 1)
+    count = b * b if average == "all" else n_pairs
 
     def distances(x: Tensor) -> Tensor:
         _, sq, valid = _pairwise(x)
@@ -90,12 +117,16 @@ def rkd_distance_loss(student: Tensor, teacher: Tensor, *, normalize: bool = Tru
         return d / (d.sum() / n_pairs).clamp_min(1e-12)
 
     per = F.smooth_l1_loss(distances(s), distances(t), reduction="none")
-    return (per * off).sum() / n_pairs
+    return (per * off).sum() / count  # the diagonal is 0 on both sides
 
 
-def rkd_angle_loss(student: Tensor, teacher: Tensor, *, normalize: bool = True) -> Tensor:
-    """Smooth-L1 between cos∠(x_j − x_i, x_k − x_i), averaged over triplets of distinct i, j, k."""
+def rkd_angle_loss(
+    student: Tensor, teacher: Tensor, *, normalize: bool = True, average: Average = "all"
+) -> Tensor:
+    """Smooth-L1 between cos∠(x_j − x_i, x_k − x_i); averaged over all B³ triplets
+    (average="all") or the B(B − 1)(B − 2) triplets of distinct i, j, k ("distinct")."""
     _check_embeddings(student, teacher, same_dim=False)
+    _check_average(average)
     b = student.shape[0]
     s, t = _prepare(student, normalize), _prepare(teacher.detach(), normalize)
     if b < 3:
@@ -106,14 +137,18 @@ def rkd_angle_loss(student: Tensor, teacher: Tensor, *, normalize: bool = True) 
     def angles(x: Tensor) -> tuple[Tensor, Tensor]:
         diff, sq, valid = _pairwise(x)
         unit = diff / sq.clamp_min(_SQ_EPS).sqrt().unsqueeze(2)  # (B, B, D)
-        cos = torch.bmm(unit, unit.transpose(1, 2))  # (B, B, B): [i, j, k]
+        with full_precision(unit):  # autocast would run bmm in 16 bit
+            cos = torch.bmm(unit, unit.transpose(1, 2))  # (B, B, B): [i, j, k]
         return cos, valid.unsqueeze(2) * valid.unsqueeze(1)
 
     cos_s, valid_s = angles(s)
     cos_t, valid_t = angles(t)
-    weight = distinct * valid_s * valid_t  # duplicates define no angle
+    # Triplets with a repeated index add 0 in the references too (cos 0 or 1 on both sides);
+    # duplicated samples define no angle.
+    weight = distinct * valid_s * valid_t
     per = F.smooth_l1_loss(cos_s, cos_t, reduction="none")
-    return (per * weight).sum() / (b * (b - 1) * (b - 2))
+    count = b**3 if average == "all" else b * (b - 1) * (b - 2)
+    return (per * weight).sum() / count
 
 
 def rkd_loss(
@@ -123,15 +158,18 @@ def rkd_loss(
     distance_weight: float = 1.0,
     angle_weight: float = 2.0,
     normalize: bool = True,
+    average: Average = "all",
 ) -> Tensor:
     """distance_weight · RKD-D + angle_weight · RKD-A (Park et al. 2019)."""
-    return distance_weight * rkd_distance_loss(
-        student, teacher, normalize=normalize
-    ) + angle_weight * rkd_angle_loss(student, teacher, normalize=normalize)
+    dist = rkd_distance_loss(student, teacher, normalize=normalize, average=average)
+    angle = rkd_angle_loss(student, teacher, normalize=normalize, average=average)
+    return distance_weight * dist + angle_weight * angle
 
 
 class EmbeddingDistillLoss(Objective):
     """Embedding objective; parts: "mse" | "cosine" | "rkd_distance" + "rkd_angle".
+
+    With kind "rkd", `distance_weight`, `angle_weight` and `average` are those of `rkd_loss`.
 
     With kind "mse"/"cosine" and student_dim != teacher_dim, a learnable
     `nn.Linear(student_dim, teacher_dim, bias=False)` maps the student's embedding first
@@ -147,10 +185,13 @@ class EmbeddingDistillLoss(Objective):
         normalize: bool = True,
         distance_weight: float = 1.0,
         angle_weight: float = 2.0,
+        average: Average = "all",
     ) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        _check_average(average)
+        self.average: Average = average
         for name, dim in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
             if not isinstance(dim, int) or dim < 1:
                 raise ValueError(f"{name} must be a positive int (embedding size), got {dim!r}")
@@ -176,8 +217,8 @@ class EmbeddingDistillLoss(Objective):
                     f"{side}_dim to the {side}'s embedding size"
                 )
         if self.kind == "rkd":
-            dist = rkd_distance_loss(s, t, normalize=self.normalize)
-            angle = rkd_angle_loss(s, t, normalize=self.normalize)
+            dist = rkd_distance_loss(s, t, normalize=self.normalize, average=self.average)
+            angle = rkd_angle_loss(s, t, normalize=self.normalize, average=self.average)
             loss = self.distance_weight * dist + self.angle_weight * angle
             return {"loss": loss, "rkd_distance": dist, "rkd_angle": angle}
         if isinstance(self.projection, nn.Linear):
@@ -190,4 +231,10 @@ class EmbeddingDistillLoss(Objective):
         return {"loss": cos, "cosine": cos}
 
     def extra_repr(self) -> str:
+        if self.kind == "rkd":
+            return (
+                f"kind='rkd', normalize={self.normalize}, distance_weight="
+                f"{self.distance_weight}, angle_weight={self.angle_weight}, "
+                f"average={self.average!r}"
+            )
         return f"kind={self.kind!r}, normalize={self.normalize}"

@@ -1,18 +1,40 @@
 """Feature-map distillation: FitNets hints and attention transfer.
 
-FitNets (Romero et al., ICLR 2015): a learnable 1×1 convolution + BatchNorm ("regressor")
-maps the student's map (B, Cs, H, W) to the teacher's channels, and the hint term is the mean
-squared error over all elements, mean (r(f_s) − f_t)². The paper's ½·‖·‖² differs by a
-constant; fold it into `weight` (mdistiller uses weight 100 with this mean).
+FitNets (Romero et al., ICLR 2015). The default follows RepDistiller's `ConvReg` + `HintLoss`
+(HobbitLong/RepDistiller, models/util.py; mdistiller's `ConvReg` is the same): a learnable
+regressor conv -> BatchNorm -> ReLU maps the student's map (B, Cs, H, W) to the teacher's
+channels, and the hint term is the mean squared error over all elements,
+mean (r(f_s) − f_t)². The ReLU is the paper's rule that the regressor carry the non-linearity
+of the teacher's hint layer (adri-romsor/FitNets builds a rectified conv for a rectified hint
+layer); pass `adapter_relu=False` for a teacher map hooked before its activation, which a ReLU
+could not reach below 0. Where ours differs: the conv is 1×1 without a bias (BatchNorm's shift
+makes one redundant), and a spatial mismatch is handled by resizing the teacher's map (below)
+instead of RepDistiller's strided / transposed / (1 + Hs − Ht) kernel. The paper's ½·Σ per sample
+differs from the mean by a constant; fold it into `weight` (RepDistiller and mdistiller use 100
+with this mean).
 
-Attention transfer (Zagoruyko & Komodakis, ICLR 2017), as in the authors' code: the attention
-map of (B, C, H, W) is a(f) = normalize(mean_c |f|^p) flattened to (B, H·W), p = 2, and the term
-per layer pair is mean (a_s − a_t)²; the loss adds beta/2 · Σ_layers with beta = 1000. Channel
-counts may differ.
+Attention transfer (Zagoruyko & Komodakis, ICLR 2017). The default follows the authors' code
+(szagoruyko/attention-transfer: utils.at, utils.at_loss, and `opt.beta * sum(loss_groups)` in
+cifar.py/imagenet.py with `--beta 1e+3`), which RepDistiller (`Attention`, beta 1000) and
+mdistiller (`AT`, FEAT_WEIGHT 1000) reproduce: the attention map of (B, C, H, W) is
+a(f) = normalize(mean_c |f|^p) flattened to (B, H·W), p = 2, the term per layer pair is
+mean_{B, H·W} (a_s − a_t)², and the loss is beta · Σ_layers with beta = 1000. This equals
+torchdistill's `ATLoss(mode="code")` times beta. Not offered: the paper's Eq. 2 (beta/2 times the
+p-norm of the difference, torchdistill's mode="paper"), which is not what the published numbers
+used. The authors' multi-GPU runs sum per-GPU means (`data_parallel`, then `.sum()`), so their
+ImageNet `--ngpu 2` weighs the full-batch mean by 2·beta; on one GPU (CIFAR) it is beta exactly.
+Channel counts may differ.
 
-When the spatial sizes differ (e.g. a 128 px student against a 224 px teacher), the teacher's
-map (FitNets) or attention map (AT) is resized to the student's size: area-averaged when
-shrinking, bilinear otherwise. The teacher is frozen, so no gradient flows through the resize.
+When the spatial sizes differ (e.g. a 128 px student against a 224 px teacher), AT follows
+RepDistiller/mdistiller: the larger *feature map*, student's or teacher's, is adaptive-average
+pooled to the smaller size before its attention map is taken (they pool to a square (H, H); we
+pool each side to (min H, min W), the same for square maps). `resize="attention"` pools the
+larger *attention map* mean_c |f|^p instead: it keeps the activation energy of each region,
+which pooling the features first loses where activations of opposite sign cancel, so we think
+it the better-defined statistic for resolution-mismatched pairs; it is not the default because
+the published hyper-parameters were tuned with feature pooling. FitNets resizes the teacher's
+map to the student's size: area-averaged when shrinking, bilinear otherwise. The teacher is
+frozen, so no gradient flows through its side.
 
 Each objective also takes `logit_loss` (e.g. KDLoss(...) or CrossEntropy()) whose parts are
 added to its own; pass `logit_loss=None` to train on the feature term alone (FitNets stage 1).
@@ -21,6 +43,7 @@ added to its own; pass `logit_loss=None` to train on the feature term alone (Fit
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,6 +57,9 @@ from distill.losses.base import (
     full_precision,
 )
 from distill.types import Outputs
+
+AtResize = Literal["feature", "attention"]
+AT_RESIZES: tuple[str, ...] = ("feature", "attention")
 
 
 def _check_map(x: Tensor, side: str) -> None:
@@ -70,7 +96,8 @@ def hint_loss(student_map: Tensor, teacher_map: Tensor) -> Tensor:
 
 
 def attention_map(x: Tensor, p: float = 2.0, size: tuple[int, int] | None = None) -> Tensor:
-    """normalize(mean_c |x|^p) as (B, H·W); resized to `size` before normalising if given."""
+    """normalize(mean_c |x|^p) as (B, H·W); the map mean_c |x|^p is resized to `size` before
+    normalising if given."""
     _check_map(x, "feature")
     a = as_float(x).abs().pow(p).mean(dim=1, keepdim=True)  # (B, 1, H, W)
     if size is not None:
@@ -78,32 +105,50 @@ def attention_map(x: Tensor, p: float = 2.0, size: tuple[int, int] | None = None
     return F.normalize(a.flatten(1), dim=1)
 
 
-def at_loss(student_map: Tensor, teacher_map: Tensor, *, p: float = 2.0) -> Tensor:
-    """mean (a_s − a_t)² over (B, H·W) for one layer pair (without the beta/2 factor)."""
+def at_loss(
+    student_map: Tensor, teacher_map: Tensor, *, p: float = 2.0, resize: AtResize = "feature"
+) -> Tensor:
+    """mean (a_s − a_t)² over (B, H·W) for one layer pair (without beta). Maps of different
+    sizes meet at (min H, min W): the larger feature map is average-pooled first
+    (resize="feature", RepDistiller/mdistiller) or its attention map is (resize="attention")."""
     _check_map(student_map, "student")
     _check_map(teacher_map, "teacher")
     if student_map.shape[0] != teacher_map.shape[0]:
         raise ValueError(
             f"batch sizes differ: student {student_map.shape[0]}, teacher {teacher_map.shape[0]}"
         )
-    size = (student_map.shape[-2], student_map.shape[-1])
-    a_s = attention_map(student_map, p)
-    a_t = attention_map(teacher_map.detach(), p, size=size)
+    if resize not in AT_RESIZES:
+        raise ValueError(f"resize must be one of {AT_RESIZES}, got {resize!r}")
+    size = (
+        min(student_map.shape[-2], teacher_map.shape[-2]),
+        min(student_map.shape[-1], teacher_map.shape[-1]),
+    )
+    s, t = as_float(student_map), as_float(teacher_map.detach())
+    if resize == "feature":  # only ever shrinks, so resize_map area-averages
+        a_s, a_t = attention_map(resize_map(s, size), p), attention_map(resize_map(t, size), p)
+    else:
+        a_s, a_t = attention_map(s, p, size=size), attention_map(t, p, size=size)
     return (a_s - a_t.to(a_s.dtype)).pow(2).mean()
 
 
 class HintAdapter(nn.Module):
-    """FitNets regressor: 1×1 conv (no bias) + BatchNorm, student -> teacher channels."""
+    """FitNets regressor, student -> teacher channels: 1×1 conv (no bias) + BatchNorm + ReLU, as
+    RepDistiller's ConvReg; relu=False drops the ReLU."""
 
-    def __init__(self, student_channels: int, teacher_channels: int) -> None:
+    def __init__(self, student_channels: int, teacher_channels: int, *, relu: bool = True) -> None:
         super().__init__()
         self.conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
         self.bn = nn.BatchNorm2d(teacher_channels)
+        self.relu = relu
 
     def forward(self, x: Tensor) -> Tensor:
         # Disable autocast: the adapter is part of the loss, which runs in float32 or wider.
         with full_precision(x):
-            return self.bn(self.conv(as_float(x).to(self.conv.weight.dtype)))
+            y = self.bn(self.conv(as_float(x).to(self.conv.weight.dtype)))
+            return F.relu(y) if self.relu else y
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
 
 
 class _FeatureObjective(Objective):
@@ -151,6 +196,8 @@ class FitNetLoss(_FeatureObjective):
     Hooks `student_layer` in the student and `teacher_layer` in the teacher under the name
     "hint". The adapter is learnable: add `objective.parameters()` to the optimizer. In train
     mode its BatchNorm needs more than one value per channel (batch 1 needs H·W > 1).
+    `adapter_relu=False` drops the regressor's ReLU (for a teacher map taken before its
+    activation).
     """
 
     def __init__(
@@ -162,6 +209,7 @@ class FitNetLoss(_FeatureObjective):
         teacher_channels: int,
         logit_loss: Objective | None,
         weight: float = 1.0,
+        adapter_relu: bool = True,
     ) -> None:
         super().__init__(logit_loss)
         for name, c in (
@@ -172,7 +220,7 @@ class FitNetLoss(_FeatureObjective):
                 raise ValueError(f"{name} must be a positive int, got {c!r}")
         self.weight = check_non_negative("weight", weight, "FitNets' hint weight")
         self.student_channels, self.teacher_channels = student_channels, teacher_channels
-        self.adapter = HintAdapter(student_channels, teacher_channels)
+        self.adapter = HintAdapter(student_channels, teacher_channels, relu=adapter_relu)
         self._hook("hint", student_layer, teacher_layer)
 
     def forward(
@@ -203,10 +251,11 @@ class FitNetLoss(_FeatureObjective):
 
 class ATLoss(_FeatureObjective):
     """Attention transfer; parts "at" (Σ over layer pairs) (+ logit_loss's);
-    loss = beta/2 · at + logit loss.
+    loss = beta · at + logit loss (the authors' code, RepDistiller and mdistiller).
 
     `layers` maps student module paths to teacher module paths, e.g.
     {"blocks.5": "layer2", "blocks.11": "layer3"}; they are hooked as "at0", "at1", ...
+    `resize` says how maps of different sizes meet (see `at_loss`).
     """
 
     def __init__(
@@ -216,13 +265,20 @@ class ATLoss(_FeatureObjective):
         logit_loss: Objective | None,
         beta: float = 1000.0,
         p: float = 2.0,
+        resize: AtResize = "feature",
     ) -> None:
         super().__init__(logit_loss)
+        if resize not in AT_RESIZES:
+            raise ValueError(
+                f"resize must be one of {AT_RESIZES}, got {resize!r}: 'feature' pools the larger "
+                "feature map (RepDistiller/mdistiller), 'attention' the larger attention map"
+            )
+        self.resize: AtResize = resize
         if not layers:
             raise ValueError(
                 'layers is empty: map student to teacher layers, e.g. {"blocks.11": "layer3"}'
             )
-        self.beta = check_non_negative("beta", beta, "the AT paper uses 1000")
+        self.beta = check_non_negative("beta", beta, "the AT authors' code uses 1000")
         self.p = check_positive("p", p, "the AT paper uses 2")
         self.names: list[str] = []
         for i, (s_path, t_path) in enumerate(layers.items()):
@@ -239,14 +295,15 @@ class ATLoss(_FeatureObjective):
                 feature(student, n, "student", self.student_features[n]),
                 feature(t_out, n, "teacher", self.teacher_features[n]),
                 p=self.p,
+                resize=self.resize,
             )
             for n in self.names
         ]
         at = terms[0]
         for term in terms[1:]:
             at = at + term
-        own = {"loss": self.beta / 2.0 * at, "at": at}
+        own = {"loss": self.beta * at, "at": at}
         return self._combine(own, student, t_out, target)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, p={self.p}"
+        return f"beta={self.beta}, p={self.p}, resize={self.resize!r}"

@@ -13,6 +13,14 @@ alpha·T·(softmax(s/T) − softmax(t/T))/B, on the same scale for every tempera
 as alpha_td = 1 − alpha, beta_td = alpha). `target=None` is pure teacher emulation on
 unlabelled data and requires alpha == 1: with alpha < 1 it raises instead of silently
 re-weighting the terms.
+
+`standardize=True` is logit standardisation (Sun et al., CVPR 2024, "Logit Standardization in
+Knowledge Distillation"; the authors' sunshangquan/logit-standardization-KD `normalize`, and
+torchdistill's `LogitStdKDLoss`): each sample's logits are z-scored,
+Z(z) = (z − mean(z)) / (std(z) + 1e-7) with the unbiased std, before the tempered softmax, so T
+becomes a base temperature and the per-sample temperature is T·std. The T² factor stays (as in
+the authors' code); the CE term uses the raw logits. The paper pairs it with a larger KD weight
+(CIFAR-100: CE 0.1, KD 9; alpha here is a convex weight, so scale `loss` or the learning rate).
 """
 
 from __future__ import annotations
@@ -31,13 +39,32 @@ from distill.losses.base import (
 from distill.types import Outputs
 
 
-def soft_kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float) -> Tensor:
-    """T² · KL(softmax(t/T) ‖ softmax(s/T)), batch mean; the teacher side is detached."""
+def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """(z − mean(z)) / (std(z) + eps) per row of (B, K), unbiased std (Sun et al. 2024)."""
+    centred = logits - logits.mean(dim=1, keepdim=True)
+    # the clamp keeps the gradient finite for tied logits (std 0); it changes std only below
+    # 1e-12, where eps dominates the denominator
+    var = centred.pow(2).sum(dim=1, keepdim=True) / max(logits.shape[1] - 1, 1)
+    return centred / (var.clamp_min(1e-24).sqrt() + eps)
+
+
+def soft_kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float,
+    standardize: bool = False,
+) -> Tensor:
+    """T² · KL(softmax(t/T) ‖ softmax(s/T)), batch mean; the teacher side is detached.
+    `standardize=True` z-scores each row of logits first (logit standardisation)."""
     check_positive("temperature", temperature, "try 1-8; Hinton et al. used up to 20")
     check_pair(student_logits, teacher_logits)
     t = float(temperature)
-    s_log = F.log_softmax(as_float(student_logits) / t, dim=1)  # (B, K)
-    t_log = F.log_softmax(as_float(teacher_logits).detach() / t, dim=1)  # (B, K)
+    s, tl = as_float(student_logits), as_float(teacher_logits).detach()
+    if standardize:
+        s, tl = standardize_logits(s), standardize_logits(tl)
+    s_log = F.log_softmax(s / t, dim=1)  # (B, K)
+    t_log = F.log_softmax(tl / t, dim=1)  # (B, K)
     return F.kl_div(s_log, t_log, reduction="batchmean", log_target=True) * (t * t)
 
 
@@ -48,10 +75,13 @@ def kd_parts(
     *,
     temperature: float,
     alpha: float,
+    standardize: bool = False,
 ) -> dict[str, Tensor]:
     """{"loss", "kd" (T²·KL), "ce" (only when a target is given)}; see the module docstring."""
     check_fraction("alpha", alpha, "alpha weighs the teacher term, 1 − alpha the labels")
-    kd = soft_kd_loss(student_logits, teacher_logits, temperature=temperature)
+    kd = soft_kd_loss(
+        student_logits, teacher_logits, temperature=temperature, standardize=standardize
+    )
     if target is None:
         if alpha < 1.0:
             raise ValueError(
@@ -72,24 +102,36 @@ def kd_loss(
     *,
     temperature: float,
     alpha: float,
+    standardize: bool = False,
 ) -> Tensor:
     """alpha · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − alpha) · CE(s, target).
 
     Logits are (B, K); `target` holds class indices (B,) or class probabilities (B, K).
     `target=None` requires alpha=1.0 (pure teacher emulation); see the module docstring.
     """
-    return kd_parts(student_logits, teacher_logits, target, temperature=temperature, alpha=alpha)[
-        "loss"
-    ]
+    return kd_parts(
+        student_logits,
+        teacher_logits,
+        target,
+        temperature=temperature,
+        alpha=alpha,
+        standardize=standardize,
+    )["loss"]
 
 
 class KDLoss(Objective):
-    """Hinton KD objective: parts "kd" (T²·KL) and "ce"; loss = alpha·kd + (1 − alpha)·ce."""
+    """Hinton KD objective: parts "kd" (T²·KL) and "ce"; loss = alpha·kd + (1 − alpha)·ce.
+    `standardize=True`: logit standardisation (Sun et al. 2024), T is then the base temperature."""
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.9) -> None:
+    def __init__(
+        self, temperature: float = 4.0, alpha: float = 0.9, *, standardize: bool = False
+    ) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature, "try 1-8")
         self.alpha = check_fraction("alpha", alpha, "alpha weighs the teacher term")
+        if not isinstance(standardize, bool):
+            raise TypeError(f"standardize must be True or False, got {standardize!r}")
+        self.standardize = standardize
 
     def forward(
         self, student: Outputs, teacher: Outputs | None, target: Tensor | None
@@ -100,7 +142,8 @@ class KDLoss(Objective):
             target,
             temperature=self.temperature,
             alpha=self.alpha,
+            standardize=self.standardize,
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, alpha={self.alpha}"
+        return f"temperature={self.temperature}, alpha={self.alpha}, standardize={self.standardize}"

@@ -116,8 +116,27 @@ def _create_torchvision(model_name: str, kwargs: dict[str, Any]) -> nn.Module:
             + (f"; did you mean one of: {', '.join(near)}" if near else "")
             + " (all: torchvision.models.list_models())"
         )
+    if "alpha" in kwargs:
+        _width_multiplier(model_name, kwargs)
     model: nn.Module = torchvision.models.get_model(model_name, **kwargs)
     return model
+
+
+# torchvision's name for the width multiplier of its mobile models (MNASNet calls it alpha)
+_TORCHVISION_WIDTH = {"mobilenet_v2": "width_mult", "mobilenet_v3_large": "width_mult",
+                      "mobilenet_v3_small": "width_mult", "mnasnet": "alpha"}  # fmt: skip
+
+
+def _width_multiplier(model_name: str, kwargs: dict[str, Any]) -> None:
+    """Map `alpha` (our name for the width multiplier) onto torchvision's name for it."""
+    family = "mnasnet" if model_name.startswith("mnasnet") else model_name
+    name = _TORCHVISION_WIDTH.get(family)
+    if name is None:
+        raise ValueError(
+            f"torchvision:{model_name} has no width multiplier (alpha); the torchvision models "
+            f"that have one: mobilenet_v2, mobilenet_v3_large/small (width_mult), mnasnet*"
+        )
+    kwargs[name] = kwargs.pop("alpha")
 
 
 def build_student(

@@ -1,4 +1,9 @@
-"""Building a teacher cache: K augmentation draws per item, the teacher's top-k on each.
+"""Building a teacher cache: K augmentation draws per item, the teacher's answer on each.
+
+What is stored of an answer depends on the teacher's `kind` of output and, for class logits,
+on `tail` and `temperatures` (`distill.data.cache.topk`; `store.array_layout`): the top-k
+logits with an 8-bit tail (the default, the teacher's loss at every temperature) or with the
+tail's mass at each listed temperature; attribute logits and embeddings whole, in float32.
 
 Draw d of item i uses `draw_generator(seed, i, d)`, so the cache does not depend on batch
 size, workers or device. The draws run in flat order (i * K + d); a shard's arrays are written
@@ -13,6 +18,7 @@ import inspect
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,13 @@ from distill.data.cache.fingerprint import (
     default_identity,
     jsonable,
 )
+from distill.data.cache.layout import (
+    RECONSTRUCTION,
+    CacheKind,
+    Storage,
+    encode,
+    stored_topk,
+)
 from distill.data.cache.replayable import ReplayableDataset, draw_generator
 from distill.data.cache.shards import ShardWriter, resumable_shards
 from distill.data.cache.store import (
@@ -37,7 +50,7 @@ from distill.data.cache.store import (
     TeacherCache,
     read_manifest,
 )
-from distill.data.cache.topk import compress_topk
+from distill.data.cache.topk import TailKind
 from distill.data.skipping import SKIPPED_KEY
 from distill.files import progress_bar, write_json_atomic
 
@@ -115,8 +128,6 @@ def _resolve(
     identity: Identity | None,
 ) -> tuple[Fingerprint, Identity | None]:
     """The build's fingerprint and the identity to store (see `build_cache`)."""
-    if not 1 <= topk <= num_classes:
-        raise ValueError(f"topk={topk} must be between 1 and the teacher's {num_classes} classes")
     if identity is not None:
         fp = Fingerprint.from_identity(identity, topk=topk, crops=crops)
         if fingerprint is not None and fingerprint != fp:
@@ -143,6 +154,7 @@ def _header(
     fp: Fingerprint,
     identity: Identity | None,
     probe: _Probe,
+    storage: Storage,
     *,
     num_items: int,
     seed: int,
@@ -159,12 +171,12 @@ def _header(
         "crops": fp.crops,
         "topk": fp.topk,
         "num_classes": fp.num_classes,
+        **storage.record(),
         "seed": seed,
         "shard_size": shard_size,
         "param_names": {"int": probe.names_int, "float": probe.names_float},
         "index_dtype": "int16" if fp.num_classes <= np.iinfo(np.int16).max else "int32",
-        "reconstruction": "top-k logits minus row max (fp16) + logsumexp of the rest; the rest "
-        "share that mass uniformly (distill.data.cache.reconstruct_logits)",
+        "reconstruction": RECONSTRUCTION[storage.tail],
     }
 
 
@@ -172,17 +184,18 @@ def _reuse(
     out: Path,
     fp: Fingerprint,
     identity: Identity | None,
+    storage: Storage,
     *,
     seed: int,
     num_items: int,
     labels: dict[str, str] | None,
     advice: str,
 ) -> TeacherCache:
-    """The finished cache in `out` if it was built for `fp` and `seed` (checksums verified);
-    a CacheMismatchError naming what differs otherwise."""
+    """The finished cache in `out` if it was built for `fp`, `storage` and `seed` (checksums
+    verified); a CacheMismatchError naming what differs otherwise."""
     cache = TeacherCache(out, read_manifest(out))
     current = None if identity is None else {"images": num_items, **identity}
-    now = {**asdict(fp), "seed": seed}
+    now = {**asdict(fp), "seed": seed, **storage.record()}
     cache.check_fits(now, current=current, labels=labels, advice=advice)
     cache.verify()
     return cache
@@ -245,14 +258,10 @@ def _run_teacher(
                 raise ValueError(
                     f"the teacher returned {num_classes} classes for item 0, then {logits.shape[1]}"
                 )
-            # stored from float32 logits, whatever precision the teacher ran in
-            writer.add(
-                batch["flat"].tolist(),
-                compress_topk(logits.float(), writer.topk),
-                batch["pi"],
-                batch["pf"],
-                [json.loads(x) for x in batch["skipped"]],
-            )
+            # stored from float32 outputs, whatever precision the teacher ran in
+            arrays = encode(logits.float(), writer.header)
+            arrays.update(params_int=batch["pi"].numpy(), params_float=batch["pf"].numpy())
+            writer.add(batch["flat"].tolist(), arrays, [json.loads(x) for x in batch["skipped"]])
             bar.update(len(batch["flat"]))
 
 
@@ -279,13 +288,58 @@ def _write_manifest(
 # ------------------------------------------------------------------------------ the builds
 
 
+def _check_kind(teacher: nn.Module, kind: CacheKind) -> None:
+    declared = getattr(teacher, "output_kind", None)
+    if isinstance(declared, str) and declared != kind:
+        raise ValueError(
+            f"the teacher outputs {declared}, but the cache is built for kind={kind!r}: pass "
+            f"kind={declared!r} (what is stored, and how the loss reads it, depend on it)"
+        )
+
+
+def _write(
+    teacher: nn.Module,
+    dataset: ReplayableDataset,
+    writer: ShardWriter,
+    probe: _Probe,
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int,
+    progress: bool,
+    amp: bool,
+) -> dict[str, Any]:
+    """Run the teacher over the draws still to write; the build's record."""
+    crops, seed = writer.crops, writer.header["seed"]
+    flat = writer.todo()
+    loader = torch.utils.data.DataLoader(
+        _Draws(dataset, crops, seed, probe, flat),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    bar = progress_bar(
+        len(flat), desc=f"caching teacher ({crops} crops)", unit="img", enabled=progress
+    )
+    t0 = time.perf_counter()
+    try:
+        _run_teacher(teacher, loader, writer, device=device, amp=amp, bar=bar)
+    finally:
+        bar.close()
+    rate = len(flat) / max(time.perf_counter() - t0, 1e-9)
+    return {"device": str(device), "batch_size": batch_size, "draws_per_s": round(rate, 1)}
+
+
 def build_cache(
     teacher: nn.Module,
     dataset: ReplayableDataset,
     out_dir: str | os.PathLike[str],
     *,
     crops: int,
-    topk: int,
+    topk: int | None = None,
+    kind: CacheKind = "logits",
+    tail: TailKind = "quantized",
+    temperatures: Sequence[float] = (1.0,),
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -299,60 +353,46 @@ def build_cache(
 ) -> TeacherCache:
     """Run `teacher` over `crops` augmentation draws of every item and write the cache.
 
-    The cache is described by `identity` (stored in the manifest; its fingerprint follows by
+    What is stored of each answer: for `kind="logits"` (class logits) the `topk` largest and
+    the rest as `tail` says, "quantized" (8 bits each: the loss at every temperature) or
+    "mass" (only their total mass at each of `temperatures`, to which 1 is always added: the
+    loss at those temperatures only, its gradient approximate; see `distill.data.cache.topk`);
+    for "multilabel" and "embedding" all N outputs in float32 (no topk). The cache is
+    described by `identity` (stored in the manifest; its fingerprint follows by
     `Fingerprint.from_identity`), or by `fingerprint` alone (nothing readable stored), or, with
     neither, by `default_identity` (the teacher's weights, the data, the transform). If
-    `out_dir` already holds a cache with the same fingerprint and seed it is returned
+    `out_dir` already holds a cache with the same fingerprint, storage and seed it is returned
     unchanged; a different one is a CacheMismatchError naming what differs, unless
     `overwrite`. An interrupted build resumes from its last complete shard when rerun with the
     same arguments. `autocast` (default: on for CUDA) runs the teacher under bf16 autocast.
     """
     _check_sizes(len(dataset), crops=crops, batch_size=batch_size, shard_size=shard_size)
+    storage = Storage.create(kind, tail, temperatures)
+    _check_kind(teacher, kind)
     out, dev = Path(out_dir), torch.device(device)
     amp = dev.type == "cuda" if autocast is None else autocast
     teacher = teacher.to(dev).eval()
     probe = _probe(teacher, dataset, seed, dev, amp)
+    k = stored_topk(storage, topk, probe.num_classes)
     fp, identity = _resolve(
-        teacher,
-        dataset,
-        probe.num_classes,
-        topk=topk,
-        crops=crops,
-        fingerprint=fingerprint,
+        teacher, dataset, probe.num_classes, topk=k, crops=crops, fingerprint=fingerprint,
         identity=identity,
-    )
-    header = _header(fp, identity, probe, num_items=len(dataset), seed=seed, shard_size=shard_size)
+    )  # fmt: skip
+    n = len(dataset)
+    header = _header(fp, identity, probe, storage, num_items=n, seed=seed, shard_size=shard_size)
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).exists():
         if not overwrite:
             return _reuse(
-                out,
-                fp,
-                identity,
-                seed=seed,
-                num_items=len(dataset),
-                labels=None,
+                out, fp, identity, storage, seed=seed, num_items=n, labels=None,
                 advice=OVERWRITE_ADVICE,
-            )
+            )  # fmt: skip
         (out / MANIFEST).unlink()
     writer = ShardWriter(out, header, {} if overwrite else resumable_shards(out, header))
-    flat = writer.todo()
-    loader = torch.utils.data.DataLoader(
-        _Draws(dataset, crops, seed, probe, flat),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=dev.type == "cuda",
-    )
-    bar = progress_bar(
-        len(flat), desc=f"caching teacher ({crops} crops)", unit="img", enabled=progress
-    )
-    t0 = time.perf_counter()
-    try:
-        _run_teacher(teacher, loader, writer, device=dev, amp=amp, bar=bar)
-    finally:
-        bar.close()
-    rate = len(flat) / max(time.perf_counter() - t0, 1e-9)
-    build = {"device": str(dev), "batch_size": batch_size, "draws_per_s": round(rate, 1)}
+    build = _write(
+        teacher, dataset, writer, probe, batch_size=batch_size, device=dev,
+        num_workers=num_workers, progress=progress, amp=amp,
+    )  # fmt: skip
     _write_manifest(out, header, writer, build=build, teacher=teacher)
     return TeacherCache.open(out, fp, verify=False)
 
@@ -364,7 +404,10 @@ def build_or_reuse(
     *,
     identity: Identity,
     crops: int,
-    topk: int,
+    topk: int | None = None,
+    kind: CacheKind = "logits",
+    tail: TailKind = "quantized",
+    temperatures: Sequence[float] = (1.0,),
     seed: int = 0,
     labels: dict[str, str] | None = None,
     batch_size: int = 256,
@@ -377,31 +420,32 @@ def build_or_reuse(
     """The cache of `teacher` over `dataset` described by `identity`, in `out_dir`.
 
     A finished cache there with the same fingerprint (`Fingerprint.from_identity(identity,
-    topk=topk, crops=crops)`) and seed is reused, its checksums verified; an interrupted build
-    is resumed; a cache built for anything else is refused before the teacher runs, naming each
-    differing component (`labels` name them) with its cached and current values. Never
-    overwrites. Raises CacheMismatchError (another cache is there), CacheCorruptError (the
-    cache there fails its checksums) and ValueError (bad arguments, or an identity whose
-    num_classes is not the teacher's).
+    topk=topk, crops=crops)`), storage (`kind`, `tail`, `temperatures`, as in `build_cache`)
+    and seed is reused, its checksums verified; an interrupted build is resumed; a cache built
+    for anything else is refused before the teacher runs, naming each differing component
+    (`labels` name them) with its cached and current values. Never overwrites. Raises
+    CacheMismatchError (another cache is there), CacheCorruptError (the cache there fails its
+    checksums) and ValueError (bad arguments, or an identity whose num_classes is not the
+    teacher's).
     """
     out = Path(out_dir)
-    fp = Fingerprint.from_identity(identity, topk=topk, crops=crops)
+    storage = Storage.create(kind, tail, temperatures)
+    k = stored_topk(storage, topk, int(identity["num_classes"]))
+    fp = Fingerprint.from_identity(identity, topk=k, crops=crops)
     if (out / MANIFEST).is_file():  # finished: reused or refused, the teacher need not run
         return _reuse(
-            out,
-            fp,
-            identity,
-            seed=seed,
-            num_items=len(dataset),
-            labels=labels,
+            out, fp, identity, storage, seed=seed, num_items=len(dataset), labels=labels,
             advice=REUSE_ADVICE,
-        )
+        )  # fmt: skip
     return build_cache(
         teacher,
         dataset,
         out,
         crops=crops,
         topk=topk,
+        kind=kind,
+        tail=tail,
+        temperatures=temperatures,
         batch_size=batch_size,
         device=device,
         seed=seed,

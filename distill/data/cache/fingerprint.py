@@ -16,7 +16,10 @@ build's arguments. Keys other than the four (such as "images", the item count) a
 not fingerprinted. The manifest stores the identity; when a cache does not fit, `check_fits`
 raises a `CacheMismatchError` listing, for each differing component, every leaf of the stored
 identity that changed (`key: cache X, now Y`), or the short digests when the cache stored no
-identity (`cache X != now Y`), and says what to do.
+identity (`cache X != now Y`), and says what to do. What is stored of each answer (the kind of
+output, the tail, the temperatures: `distill.data.cache.layout.Storage`) is not part of the
+fingerprint (so the digest of a cache is that of format version 1); the manifest holds it and
+it is compared the same way, with the labels below.
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ LABELS = {
     "crops": "crops per image (K)",
     "num_classes": "the number of classes",
     "seed": "the seed of the crop draws",
+    "kind": "what the teacher outputs (logits, multilabel or embedding)",
+    "tail": "how the classes outside the top k are stored (tail)",
+    "temperatures": "the temperatures whose tail mass is stored",
 }
 
 

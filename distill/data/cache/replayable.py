@@ -72,8 +72,10 @@ class ReplayableImages(torch.utils.data.Dataset[dict[str, Any]]):
     """Image files + a `distill.data.transforms.PairedTransform` as a `ReplayableDataset`.
 
     Parameters are the crop box and flip of `CropParams` (top, left, height, width, flip);
-    items are the transform's {"input", "teacher_input"} plus "target". The data signature is
-    the file list (paths relative to `root`, sizes); the transform's is its views and ranges.
+    items are the transform's {"input", "teacher_input"} plus "target" (a class id, a tensor
+    such as 40 attribute labels, or None for unlabelled images, which then have no "target").
+    The data signature is the file list (paths relative to `root`, sizes) and the labels; the
+    transform's is its views and ranges.
     """
 
     def __init__(
@@ -97,10 +99,10 @@ class ReplayableImages(torch.utils.data.Dataset[dict[str, Any]]):
         """root/<class>/<image> with classes sorted by name, as torchvision's ImageFolder."""
         from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-        _, class_to_idx = find_classes(os.fspath(root))
-        return cls(
-            make_dataset(os.fspath(root), class_to_idx, IMG_EXTENSIONS), transform, root=root
-        )
+        # absolute: files are named relative to `root`, which a relative path would name twice
+        folder = os.path.abspath(os.fspath(root))
+        _, class_to_idx = find_classes(folder)
+        return cls(make_dataset(folder, class_to_idx, IMG_EXTENSIONS), transform, root=folder)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -120,7 +122,11 @@ class ReplayableImages(torch.utils.data.Dataset[dict[str, Any]]):
             "width": p.width,
             "flip": int(p.flip),
         }
-        return params, {**self.transform.apply(img, p), "target": self.samples[index][1]}
+        return params, self._item(self.transform.apply(img, p), index)
+
+    def _item(self, views: dict[str, Any], index: int) -> dict[str, Any]:
+        target = self.samples[index][1]
+        return views if target is None else {**views, "target": target}
 
     def replay(self, index: int, params: Params) -> dict[str, Any]:
         p = CropParams(
@@ -130,14 +136,15 @@ class ReplayableImages(torch.utils.data.Dataset[dict[str, Any]]):
             int(params["width"]),
             bool(params["flip"]),
         )
-        return {**self.transform.apply(self._image(index), p), "target": self.samples[index][1]}
+        return self._item(self.transform.apply(self._image(index), p), index)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         raise TypeError("index a ReplayableImages through CachedDataset (or call draw/replay)")
 
     def data_signature(self) -> str:
         files = files_signature((p for p, _ in self.samples), self.root)
-        return config_signature({"files": files, "labels": [y for _, y in self.samples]})
+        labels = [y.tolist() if isinstance(y, Tensor) else y for _, y in self.samples]
+        return config_signature({"files": files, "labels": labels})
 
     def transform_config(self) -> dict[str, Any]:
         t = self.transform

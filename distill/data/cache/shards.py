@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import Tensor
 
-from distill.data.cache.store import ARRAYS, PROGRESS
-from distill.data.cache.topk import TopK
+from distill.data.cache.layout import array_layout
+from distill.data.cache.store import PROGRESS
 from distill.data.skipping import SkipLog
 from distill.files import atomic_write, sha256_file, write_json_atomic
 
@@ -33,8 +32,8 @@ class ShardWriter:
     def __init__(self, out: Path, header: dict[str, Any], done: dict[int, dict[str, Any]]) -> None:
         self.out, self.header, self.done = out, header, done
         self.n, self.crops = header["num_items"], header["crops"]
-        self.shard_size, self.topk = header["shard_size"], header["topk"]
-        self.idx_dtype = np.int16 if header["index_dtype"] == "int16" else np.int32
+        self.shard_size = header["shard_size"]
+        self.layout = array_layout(header)  # name -> (per-draw shape, dtype)
         self.buffers: dict[int, dict[str, np.ndarray]] = {}
         self.skips: dict[int, SkipLog] = {}
 
@@ -52,37 +51,25 @@ class ShardWriter:
 
     def _buffer(self, s: int) -> dict[str, np.ndarray]:
         if s not in self.buffers:
-            rows, k = self._stop(s) - s * self.shard_size, self.topk
-            names = self.header["param_names"]
+            rows = self._stop(s) - s * self.shard_size
             self.buffers[s] = {
-                "values": np.zeros((rows, self.crops, k), np.float16),
-                "indices": np.zeros((rows, self.crops, k), self.idx_dtype),
-                "tail_lse": np.zeros((rows, self.crops), np.float32),
-                "offset": np.zeros((rows, self.crops), np.float32),
-                "params_int": np.zeros((rows, self.crops, len(names["int"])), np.int32),
-                "params_float": np.zeros((rows, self.crops, len(names["float"])), np.float32),
+                name: np.zeros((rows, self.crops, *shape), dtype)
+                for name, (shape, dtype) in self.layout.items()
             }
         return self.buffers[s]
 
-    def add(
-        self, flat: list[int], c: TopK, pi: Tensor, pf: Tensor, skipped: list[list[Any]]
-    ) -> None:
-        """Place a batch of draws: numbers `flat`, compressed answers `c`, parameters, and the
-        (path, reason) of the unreadable files each draw's item stood in for."""
-        arrays = {
-            "values": c.values.half().cpu().numpy(),
-            "indices": c.indices.cpu().numpy().astype(self.idx_dtype),
-            "tail_lse": c.tail_lse.cpu().numpy(),
-            "offset": c.offset.cpu().numpy(),
-            "params_int": pi.numpy(),
-            "params_float": pf.numpy(),
-        }
+    def add(self, flat: list[int], arrays: dict[str, np.ndarray], skipped: list[list[Any]]) -> None:
+        """Place a batch of draws: numbers `flat`, their arrays (name -> (B, ...), every array
+        of `array_layout`: the answers and the parameters), and the (path, reason) of the
+        unreadable files each draw's item stood in for."""
+        if set(arrays) != set(self.layout):
+            raise ValueError(f"expected arrays {sorted(self.layout)}, got {sorted(arrays)}")
         for j, f in enumerate(flat):
             index, d = divmod(f, self.crops)
             s, row = divmod(index, self.shard_size)
             buf = self._buffer(s)
             self.skips.setdefault(s, SkipLog()).update(skipped[j])
-            for name in ARRAYS:
+            for name in self.layout:
                 buf[name][row, d] = arrays[name][j]
             # Flat order is sequential: a shard is complete once its last draw arrives.
             if f == self._stop(s) * self.crops - 1:
@@ -90,7 +77,7 @@ class ShardWriter:
 
     def _flush(self, s: int, buf: dict[str, np.ndarray]) -> None:
         files = {}
-        for name in ARRAYS:
+        for name in self.layout:
             fname = f"shard_{s:05d}.{name}.npy"
             sha = save_npy(self.out / fname, buf[name])
             files[name] = {

@@ -1,17 +1,27 @@
 """Reading a teacher cache from disk, and opening one that must fit the current run.
 
 On disk: `manifest.json` (written last) and, per shard of `shard_size` items, one `.npy` file
-per array of `ARRAYS`, read through `np.load(mmap_mode="r")` (never with pickles). Per (item,
-draw): `values` (k,) float16, `indices` (k,) int16 (int32 when C > 32767), `tail_lse` and
-`offset` float32 (see `distill.data.cache.topk`), and the draw's parameters, ints and floats,
-named in the manifest. The manifest also holds the fingerprint, the readable identity the cache
-was built for, the unreadable files each shard's items stood in for (both absent in caches
-written before they were recorded) and every file's sha256.
+per stored array (`array_layout`), read through `np.load(mmap_mode="r")` (never with pickles).
+Per (item, draw), for a cache of class logits (`kind="logits"`, see `distill.data.cache.topk`):
+`values` (k,) float16, `indices` (k,) int16 (int32 when C > 32767), `offset` () float32,
+`tail_lse` (len(temperatures),) float32, the tail's mass at each temperature of the manifest's
+`temperatures`, and with `tail="quantized"` `tail_codes` (C - k,) uint8 and `tail_range` (2,)
+float32. For multi-label attribute logits and embeddings (`kind="multilabel"`/`"embedding"`),
+where top-k does not apply: `values` (N,) float32, the teacher's N outputs exactly as it
+returned them in float32 (bit-identical; a bf16-autocast teacher's rounding is its own). Then
+the draw's parameters, ints and floats, named in the manifest. The manifest also holds the
+fingerprint, the readable identity the cache was built for, the unreadable files each shard's
+items stood in for (both absent in caches written before they were recorded) and every file's
+sha256.
+
+Format version 1 (still read) knew class logits only, stored `tail_lse` () at T = 1 and no tail
+codes: it serves temperature 1 alone (`TeacherCache.check_serves`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -29,8 +39,9 @@ from distill.data.cache.fingerprint import (
     check_fits,
     identity_digests,
 )
+from distill.data.cache.layout import KINDS, CacheKind, array_layout
 from distill.data.cache.replayable import ParamValue
-from distill.data.cache.topk import reconstruct_logits
+from distill.data.cache.topk import TailKind, reconstruct_logits
 from distill.data.skipping import SkipLog
 from distill.files import sha256_file
 
@@ -38,21 +49,28 @@ __all__ = [
     "ARRAYS",
     "FORMAT",
     "HOW_TO_BUILD",
+    "KINDS",
     "MANIFEST",
     "PROGRESS",
     "VERSION",
     "CacheCorruptError",
     "CacheEntry",
+    "CacheKind",
     "TeacherCache",
+    "array_layout",
     "open_checked",
     "read_manifest",
 ]
 
 FORMAT = "distill-teacher-cache"
-VERSION = 1
+VERSION = 2
+READABLE = (1, VERSION)
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
-ARRAYS = ("values", "indices", "tail_lse", "offset", "params_int", "params_float")
+ARRAYS = (  # every array a shard may hold; `array_layout` says which a cache has
+    "values", "indices", "tail_lse", "offset", "tail_codes", "tail_range", "params_int",
+    "params_float",
+)  # fmt: skip
 HOW_TO_BUILD = "`python -m distill cache-teacher` (or distill.data.cache.build_or_reuse)"
 
 
@@ -62,11 +80,22 @@ class CacheCorruptError(ValueError):
 
 @dataclass
 class CacheEntry:
+    """One stored answer. Dense kinds: `values` are the N outputs (float32), `indices`
+    arange(N), `tail_lse` empty, `offset` 0."""
+
     params: dict[str, ParamValue]
-    values: Tensor  # (k,) float16
+    values: Tensor  # (k,) float16 top-k logits minus the max; dense kinds (N,) float32
     indices: Tensor  # (k,) int64
-    tail_lse: Tensor  # () float32
+    tail_lse: Tensor  # (len(temperatures),) float32
     offset: Tensor  # () float32
+    tail_codes: Tensor | None = None  # (C - k,) uint8 (tail="quantized")
+    tail_range: Tensor | None = None  # (2,) float32
+
+
+def _words(values: tuple[float, ...], conjunction: str) -> str:
+    """(1.0, 2.0, 4.0) -> '1, 2 and 4' (or 'or')."""
+    names = [f"{v:g}" for v in values]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {conjunction} {names[-1]}"
 
 
 def read_manifest(root: Path, *, how_to_build: str = HOW_TO_BUILD) -> dict[str, Any]:
@@ -82,10 +111,11 @@ def read_manifest(root: Path, *, how_to_build: str = HOW_TO_BUILD) -> dict[str, 
             f"{how_to_build}"
         )
     manifest: dict[str, Any] = json.loads(mpath.read_text())
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE:
         raise CacheMismatchError(
-            f"{mpath} is not a version-{VERSION} {FORMAT} manifest "
-            f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})"
+            f"{mpath} is not a {FORMAT} manifest of a version this code reads "
+            f"({', '.join(map(str, READABLE))}): format={manifest.get('format')!r}, "
+            f"version={manifest.get('version')!r}. Rebuild the cache: {how_to_build}"
         )
     return manifest
 
@@ -106,6 +136,11 @@ class TeacherCache:
         self.param_names_int: list[str] = manifest["param_names"]["int"]
         self.param_names_float: list[str] = manifest["param_names"]["float"]
         self.shard_size: int = manifest["shard_size"]
+        self.version: int = manifest["version"]
+        # version 1: class logits, the tail's mass at T = 1 only
+        self.kind: CacheKind = manifest.get("kind", "logits")
+        self.tail: TailKind | None = manifest.get("tail", "mass")
+        self.temperatures: tuple[float, ...] = tuple(manifest.get("temperatures") or (1.0,))
         self._shards: list[dict[str, Any]] = manifest["shards"]
         self._arrays: dict[int, dict[str, np.ndarray]] = {}
 
@@ -147,7 +182,7 @@ class TeacherCache:
     ) -> None:
         """Raise a CacheMismatchError if any value of `now` (fingerprint fields, "seed") differs
         from the cache's, explained from `current` and the stored identity (`check_fits`)."""
-        found = {**asdict(self.fingerprint), "seed": self.seed}
+        found = {**asdict(self.fingerprint), "seed": self.seed, **self.storage()}
         stored = {"images": self.num_items, **(self.identity or {})}
         check_fits(
             self.path, found, now, stored=stored, current=current, labels=labels, advice=advice
@@ -212,23 +247,104 @@ class TeacherCache:
             out.update({n: float(v) for n, v in zip(self.param_names_float, floats)})
         return out
 
+    def storage(self) -> dict[str, Any]:
+        """What was stored of each answer: the kind, the tail and the temperatures of its mass
+        (compared like the fingerprint when a build would reuse this cache)."""
+        temps = list(self.temperatures) if self.kind == "logits" else None
+        return {"kind": self.kind, "tail": self.tail, "temperatures": temps}
+
+    def serves(self, temperature: float) -> bool:
+        """Whether the loss at `temperature` is the teacher's (see `distill.data.cache.topk`):
+        dense kinds and 8-bit tails at every temperature, a tail stored as its mass only at the
+        temperatures whose mass it holds."""
+        if self.kind != "logits" or self.tail == "quantized" or self.topk == self.num_classes:
+            return True
+        return any(math.isclose(temperature, t, rel_tol=1e-6) for t in self.temperatures)
+
+    def check_serves(self, temperature: float, *, how_to_build: str = HOW_TO_BUILD) -> None:
+        """Raise a CacheMismatchError, naming the temperatures this cache serves and how to
+        rebuild it, unless it `serves(temperature)`."""
+        if self.serves(temperature):
+            return
+        served, either = _words(self.temperatures, "and"), _words(self.temperatures, "or")
+        many = "s" if len(self.temperatures) > 1 else ""
+        rest = self.num_classes - self.topk
+        what = (
+            f"it is a format-version-1 cache, which keeps the top-{self.topk} logits and, of "
+            f"the other {rest} classes, only their total mass at temperature 1"
+            if self.version == 1
+            else f"it keeps the top-{self.topk} logits and, of the other {rest} classes, only "
+            f"their total mass at temperature{many} {served}"
+        )
+        raise CacheMismatchError(
+            f"teacher cache {self.path} serves temperature{many} {served} only, but training "
+            f"uses temperature {temperature:g}: {what}, which does not give their mass at "
+            f"{temperature:g} (the soft loss and its gradient would be off by tens of percent). "
+            f"Train at temperature {either}, or rebuild the cache: {how_to_build}. Built with "
+            "an 8-bit tail (tail='quantized', the default since format version 2) a cache "
+            "serves every temperature; one that stores the tail's mass only serves the "
+            "temperatures it was built for."
+        )
+
+    def column(self, temperature: float) -> int | None:
+        """The column of `tail_lse` holding the tail's mass at `temperature`, if stored."""
+        for j, t in enumerate(self.temperatures):
+            if math.isclose(temperature, t, rel_tol=1e-6):
+                return j
+        return None
+
     def entry(self, index: int, draw: int) -> CacheEntry:
         self._check_draw(draw)
         arrays, row = self._shard(index)
+
+        def read(name: str) -> Tensor:
+            return torch.from_numpy(np.array(arrays[name][row, draw]))
+
+        params = self.params(index, draw)
+        if self.kind != "logits":
+            n = self.num_classes
+            zero = torch.zeros(())
+            return CacheEntry(params, read("values"), torch.arange(n), torch.empty(0), zero)
+        quantized = self.tail == "quantized"
         return CacheEntry(
-            params=self.params(index, draw),
-            values=torch.from_numpy(np.array(arrays["values"][row, draw])),
-            indices=torch.from_numpy(np.array(arrays["indices"][row, draw]).astype(np.int64)),
-            tail_lse=torch.tensor(float(arrays["tail_lse"][row, draw])),
-            offset=torch.tensor(float(arrays["offset"][row, draw])),
+            params=params,
+            values=read("values"),
+            indices=read("indices").long(),
+            tail_lse=read("tail_lse").float().reshape(-1),  # version 1: () at T = 1
+            offset=read("offset").float(),
+            tail_codes=read("tail_codes") if quantized else None,
+            tail_range=read("tail_range") if quantized else None,
         )
 
-    def logits(self, index: int, draw: int, *, raw: bool = False) -> Tensor:
-        """Reconstructed dense (C,) float32 logits of one draw (relative to the row max unless
-        `raw`, which adds the stored max back)."""
-        e = self.entry(index, draw)
+    def logits(
+        self, index: int, draw: int, *, raw: bool = False, temperature: float = 1.0
+    ) -> Tensor:
+        """The dense (C,) float32 teacher output of one draw for a loss at `temperature`
+        (`teacher_output` of its `entry`)."""
+        return self.teacher_output(self.entry(index, draw), raw=raw, temperature=temperature)
+
+    def teacher_output(
+        self, e: CacheEntry, *, raw: bool = False, temperature: float = 1.0
+    ) -> Tensor:
+        """The dense float32 teacher output of entry `e` for a loss at `temperature`.
+
+        Class logits are reconstructed (`reconstruct_logits`), relative to the row max unless
+        `raw`, which adds the stored max back; attribute logits and embeddings are returned as
+        stored, exactly. Raises CacheMismatchError if the cache does not serve `temperature`.
+        """
+        self.check_serves(temperature)
+        if self.kind != "logits":
+            return e.values
+        j = self.column(temperature)
         return reconstruct_logits(
-            e.values, e.indices, e.tail_lse, self.num_classes, e.offset if raw else None
+            e.values,
+            e.indices,
+            None if j is None else e.tail_lse[j],
+            self.num_classes,
+            e.offset if raw else None,
+            temperature=temperature,
+            tail_codes=e.tail_codes,
+            tail_range=e.tail_range,
         )
 
     def nbytes(self) -> int:
@@ -245,8 +361,11 @@ def open_checked(
     *,
     labels: Mapping[str, str] | None = None,
     how_to_build: str = HOW_TO_BUILD,
+    kind: CacheKind = "logits",
+    temperature: float = 1.0,
 ) -> TeacherCache:
-    """Open the cache at `path` for a run that would cache `expected`, or say why it cannot.
+    """Open the cache at `path` for a run that would cache `expected` and train at
+    `temperature` on the teacher's `kind` of output, or say why it cannot.
 
     `expected` is a `Fingerprint` (every field compared) or an identity (the teacher, dataset,
     transform and class count it describes compared; k and K are whatever the cache holds, as
@@ -254,8 +373,9 @@ def open_checked(
     says how to build a cache (both for callers with their own command-line flags).
 
     Raises FileNotFoundError (no manifest there), CacheMismatchError (the cache was built for
-    something else: each differing component with its cached and current values) and
-    CacheCorruptError (a shard file is missing or fails its checksum).
+    something else: each differing component with its cached and current values; or it does
+    not serve `temperature`, see `TeacherCache.check_serves`) and CacheCorruptError (a shard
+    file is missing or fails its checksum).
     """
     root = Path(path)
     cache = TeacherCache(root, read_manifest(root, how_to_build=how_to_build))
@@ -265,6 +385,7 @@ def open_checked(
         now, current = asdict(expected), None
     else:
         now, current = identity_digests(expected), expected
+    now = {**now, "kind": kind}
     cache.check_fits(
         now,
         current=current,
@@ -272,5 +393,6 @@ def open_checked(
         advice="Use the settings the cache was built with, or build a cache for these settings "
         f"in another folder: {how_to_build}",
     )
+    cache.check_serves(temperature, how_to_build=how_to_build)
     cache.verify(how_to_build=how_to_build)
     return cache
