@@ -47,3 +47,14 @@ def test_profile_maps_alpha_onto_torchvision_width_mult(capsys: Any) -> None:
     assert "alpha=0.5" in capsys.readouterr().out
     with pytest.raises(ValueError, match="has no width multiplier"):
         create_student("torchvision:resnet18", alpha=0.5)
+
+
+def test_profile_check_against_the_paper(capsys: Any) -> None:
+    """`profile --check` (documented in the README) passes on the paper's point and fails on a
+    model that is not it (a 10-class head has 0.5M fewer parameters)."""
+    args = ["profile", "mobilenet_v1", "--alpha", "0.5", "--resolution", "160", "--check"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("ok: 76.5M mult-adds vs the paper's 76M")
+    assert main([*args, "--num-classes", "10"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    assert main(["profile", "mobilenet_v1", "--alpha", "0.3", "--check"]) == 2

@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
         "--latency-batch", type=int, default=32, help="batch N of the ONNX Runtime/PyTorch table"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when the cost is more than 1%% (mult-adds) or 0.05M (params) off the "
+        "paper's figure for this alpha x resolution (an error when the paper has none)",
+    )
     return p
 
 
@@ -118,6 +124,23 @@ def main(argv: list[str]) -> int:
     return _report(args, model, kwargs)
 
 
+def _check(prof: Any, figure: Any) -> int:
+    """--check: the paper's tolerance, 1% on mult-adds and 0.05M on parameters."""
+    if figure is None:
+        print("error: the paper has no figure for this model (MobileNetV1 at one of its "
+              "alpha x resolution points only)", file=sys.stderr)  # fmt: skip
+        return 2
+    dev = 100.0 * (prof.mult_adds_m / figure.mult_adds_m - 1.0)
+    off = prof.params_m - figure.params_m
+    ok = abs(dev) <= 1.0 and abs(off) <= 0.05
+    print(
+        f"{'ok' if ok else 'FAIL'}: {prof.mult_adds_m:.1f}M mult-adds vs the paper's "
+        f"{figure.mult_adds_m:g}M ({dev:+.2f}%, limit 1%), {prof.params_m:.3f}M params vs "
+        f"{figure.params_m:g}M ({off:+.3f}M, limit 0.05M) (Table {figure.table})"
+    )
+    return 0 if ok else 1
+
+
 def _report(args: argparse.Namespace, model: Any, kwargs: dict[str, object]) -> int:
     prof = profile(
         model,
@@ -133,6 +156,8 @@ def _report(args: argparse.Namespace, model: Any, kwargs: dict[str, object]) -> 
     figure = None
     if "alpha" in cfg and "variant" in cfg and prof.input_size[1] == prof.input_size[2]:
         figure = find_figure(float(cfg["alpha"]), prof.input_size[1], str(cfg["variant"]))
+    if args.check:
+        return _check(prof, figure)
     if args.json:
         out = {"name": args.name, **kwargs, **prof.to_dict()}
         if table is not None:
