@@ -77,9 +77,8 @@ class NonFiniteWatch:
     def record(self, step: int, parts: dict[str, Tensor]) -> None:
         """Note `parts` of optimizer step `step` (1-based); only the first bad step is kept."""
         newly_bad = (self.bad_step < 0) & ~torch.isfinite(parts["loss"].detach())
-        self.bad_step = torch.where(
-            newly_bad, torch.tensor(step, device=self.device), self.bad_step
-        )
+        # filled on the device: no host-to-device copy per step
+        self.bad_step = torch.where(newly_bad, torch.full_like(self.bad_step, step), self.bad_step)
         for k, v in parts.items():
             prev = self.bad_parts.get(k)
             if prev is None:

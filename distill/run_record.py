@@ -216,10 +216,15 @@ def validate_metrics(
     return out
 
 
-def write_run_record(path: str | os.PathLike[str], record: RunRecord) -> dict[str, Any]:
-    """Validate `record` and write it to `path` (strict JSON, atomically); return the dict."""
+def write_run_record(
+    path: str | os.PathLike[str], record: RunRecord, *, require_metrics: bool = False
+) -> dict[str, Any]:
+    """Validate `record` and write it to `path` (strict JSON, atomically); return the dict. A
+    run trained without an evaluation set has empty metrics unless `require_metrics`."""
     data = validate_metrics(
-        record.to_dict(), source=f"metrics of run {record.run_name}", require_metrics=False
+        record.to_dict(),
+        source=f"metrics of run {record.run_name}",
+        require_metrics=require_metrics,
     )
     try:
         write_json_atomic(path, data, sort_keys=False, allow_nan=False)
@@ -237,9 +242,8 @@ def metrics_record(info: Any, **values: Any) -> dict[str, Any]:
 def write_metrics_json(path: str | os.PathLike[str], info: Any, **values: Any) -> dict[str, Any]:
     """`write_run_record(path, RunRecord.from_info(info, **values))`: metrics, mult_adds,
     params, ... as keyword arguments."""
-    record = RunRecord.from_info(info, **values)
-    metrics_record(info, **values)  # a record written by hand must carry metrics
-    return write_run_record(path, record)
+    # a record written by hand must carry metrics
+    return write_run_record(path, RunRecord.from_info(info, **values), require_metrics=True)
 
 
 def read_metrics_json(path: str | os.PathLike[str]) -> dict[str, Any]:

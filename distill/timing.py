@@ -70,9 +70,10 @@ class Throughput:
         _sync(self.device)
         return max(time.perf_counter() - self.start - self.paused, 0.0)
 
-    def images_per_s(self) -> float:
-        """The training rate; a run of one step can only report that step, warm-up and all."""
-        seconds = self.train_seconds()
+    def images_per_s(self, seconds: float | None = None) -> float:
+        """The training rate over `seconds` of timed training (default: so far); a run of one
+        step can only report that step, warm-up and all."""
+        seconds = self.train_seconds() if seconds is None else seconds
         if self.images and seconds > 0:
             return self.images / seconds
         return self.first_images / self.first_s if self.first_s > 0 else 0.0
@@ -80,9 +81,8 @@ class Throughput:
     def record_fields(self) -> dict[str, float]:
         """The run record's timing fields (distill.run_record)."""
         seconds = self.train_seconds()  # once, so that images_per_s * train_s is the images
-        rate = self.images / seconds if self.images and seconds > 0 else self.images_per_s()
         return {
-            "images_per_s": rate,
+            "images_per_s": self.images_per_s(seconds),
             "wall_s": time.perf_counter() - self.begin,
             "train_s": seconds,
             "eval_s": self.totals["eval"],
