@@ -52,6 +52,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/digits_kd.py
+	$(PY) benchmarks/methods.py
 	$(PY) benchmarks/throughput.py --device cpu
 	$(PY) benchmarks/input_pipeline.py --device cpu --images 512 --workers 2 --batch-size 64
 	$(PY) benchmarks/cache_fidelity.py --seeds 1

@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Teacher": "distill.teacher",
+    "Teachers": "distill.ensemble",
+    "PerTeacher": "distill.losses.ensemble",
     "IMAGENET_MEAN": "distill.teacher",
     "IMAGENET_STD": "distill.teacher",
     "Distiller": "distill.distiller",

@@ -26,6 +26,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from distill.compare_methods import html_table
 from distill.compare_plots import paper_points, plot
 from distill.export.record import run_latency_ms
 from distill.files import write_text_atomic
@@ -441,6 +442,7 @@ def _section_html(section: Section, index: int, out: Path) -> str:
             f"top-1) are not shown: these runs are on {_e(section.dataset)} scored by "
             f"{_e(section.metric)}, which is not comparable.</p>"
         )
+    parts.append(html_table(section))  # by method, when two or more were distilled
     students = sorted({c.first["student"] for c in section.cells if c.first["role"] != "teacher"})
     for student in students or [""]:
         heading = "Teacher vs scratch vs distilled" + (f": {student}" if student else "")

@@ -83,7 +83,7 @@ class Distiller:
         self.step_module: nn.Module = st.StudentStep(student, objective)
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.accelerator = accelerator or make_accelerator(self.config)
+        self.accelerator = st.ddp_ready(accelerator or make_accelerator(self.config), objective)
         self.progress = ckpt.Progress()
         self.skip_log = SkipLog()  # unreadable images the data pipeline replaced
         self.summary: dict[str, Any] = {}
@@ -126,7 +126,8 @@ class Distiller:
             # The forwards, in place: state dicts keep their keys (no "_orig_mod."). Not
             # Module.compile(): torch 2.11 leaves built-in containers (nn.Sequential) eager.
             if self.config.compile:
-                models = [self.student] + ([self.teacher.model] if self.teacher is not None else [])
+                members = getattr(self.teacher, "members", [self.teacher])  # an ensemble's
+                models = [self.student] + [t.model for t in members if t is not None]
                 for m in models:
                     m.forward = torch.compile(m.forward)  # type: ignore[method-assign]
             self.step_module, self.optimizer = acc.prepare(self.step_module, self.optimizer)
@@ -383,7 +384,7 @@ class Distiller:
         skipped = False
         with acc.accumulate(self.step_module):
             with acc.autocast():
-                parts = self.step_module(x, t_out, b.target)
+                parts = self.step_module(x, t_out, b.target, st.batch_extras(self.objective, b))
             if cfg.on_nonfinite == "skip":
                 skipped = not all_finite(parts["loss"], acc)
             if skipped:

@@ -8,6 +8,8 @@ experiment, job type = role. Its panels:
 - accuracy vs mult-adds and vs parameters, log x (Howard et al. 2017, Figure 11), one run set
   per role (teacher / scratch / distilled);
 - parallel coordinates: alpha, resolution, temperature, kd_weight -> metric;
+- by method: the metric, the gap to the teacher and training images/s of each method (bars,
+  mean ± std over seeds, distilled runs only);
 - learning curves grouped by method, mean and standard deviation over seeds;
 - the runs table.
 
@@ -123,6 +125,30 @@ def _hyper_panels(wr: Any, entity: str, project: str, group: str | None, metric:
     )
 
 
+def _bars(wr: Any, title: str, y: str, at: tuple[int, int]) -> Any:
+    return wr.BarPlot(
+        title=title,
+        metrics=[wr.SummaryMetric(y)],
+        groupby=wr.Config("method"),
+        groupby_aggfunc="mean",
+        groupby_rangefunc="stddev",
+        layout=wr.Layout(x=at[0], y=at[1], w=8, h=8),
+    )
+
+
+def _method_panels(wr: Any, entity: str, project: str, group: str | None, metric: str) -> Any:
+    """One bar per method (distilled runs): the metric, the gap to the teacher, training
+    images/s, each the mean ± std over seeds."""
+    return wr.PanelGrid(
+        runsets=[_runset(entity, project, "distilled", group, "distilled")],
+        panels=[
+            _bars(wr, f"{metric} by method (mean ± std)", EVAL_PREFIX + metric, (0, 0)),
+            _bars(wr, f"gap to teacher ({metric}) by method", GAP_PREFIX + metric, (8, 0)),
+            _bars(wr, "training images/s by method", SUMMARY_IMAGES_PER_S, (16, 0)),
+        ],
+    )
+
+
 def _curve(wr: Any, title: str, y: str, x: int, log_y: bool = False) -> Any:
     return wr.LinePlot(
         title=title,
@@ -208,6 +234,8 @@ def build_report(
             wr.MarkdownBlock(text=intro),
             wr.H2(text="Accuracy vs cost"),
             _tradeoff_panels(*where),
+            wr.H2(text="By method"),
+            _method_panels(*where),
             wr.H2(text="Hyper-parameters"),
             _hyper_panels(*where),
             wr.H2(text="Learning curves"),

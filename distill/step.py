@@ -20,9 +20,11 @@ __all__ = [
     "FunctionObjective",
     "LossWindow",
     "StudentStep",
+    "batch_extras",
     "channels_last",
     "check_optimizer",
     "dataset_name",
+    "ddp_ready",
     "describe_objective",
     "describe_run",
     "epoch_length",
@@ -54,12 +56,21 @@ class StudentStep(nn.Module):
         self.student = student
         self.objective = objective
         self.hooks = FeatureHooks(student, getattr(objective, "student_features", None))
+        # buffers the objective keeps equal on every rank itself (CRD's memory banks): DDP need
+        # not broadcast them from rank 0 before each forward (1.3 GB a step on ImageNet)
+        kept = [f"objective.{n}" for n in getattr(objective, "synced_buffers", ())]
+        if kept:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-    def forward(self, x: Any, teacher: Outputs | None, target: Any) -> dict[str, Tensor]:
+            DDP._set_params_and_buffers_to_ignore_for_model(self, kept)
+
+    def forward(
+        self, x: Any, teacher: Outputs | None, target: Any, extra: Any = None
+    ) -> dict[str, Tensor]:
         self.hooks.pop()
         out = Outputs(extract_output(self.student(x)), {})
         out.features = self.hooks.pop()
-        parts = self.objective(out, teacher, target)
+        parts = self.objective(out, teacher, target, **(extra or {}))
         if not isinstance(parts, dict) or "loss" not in parts:
             raise TypeError(
                 f"objective {type(self.objective).__name__} must return a dict with a 'loss' "
@@ -153,6 +164,33 @@ def total_steps(loader: Any, config: Any) -> int:
     return int(config.epochs * math.ceil(n / config.grad_accum_steps))
 
 
+def ddp_ready(accelerator: Any, objective: nn.Module) -> Any:
+    """The accelerator, told to let DDP find unused parameters when the objective says some of
+    its own go unused in a step (factor transfer trains its paraphraser, then its translator)."""
+    if getattr(objective, "ddp_unused_parameters", False):
+        from dataclasses import replace
+
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        handler = accelerator.ddp_handler or DistributedDataParallelKwargs()
+        accelerator.ddp_handler = replace(handler, find_unused_parameters=True)
+    return accelerator
+
+
+def batch_extras(objective: nn.Module, b: Any) -> dict[str, Any]:
+    """The batch entries the objective asks for (`Objective.batch_keys`, e.g. CRD's "index"),
+    with an error that says how to provide a missing one."""
+    keys: tuple[str, ...] = getattr(objective, "batch_keys", ())
+    missing = [k for k in keys if k not in b.extra]
+    if missing:
+        raise KeyError(
+            f"{type(objective).__name__} reads the batch entries {list(keys)}, but this batch "
+            f"has no {missing} (its extra entries: {sorted(b.extra) or 'none'}): yield dict "
+            "batches with them, e.g. wrap the training set in distill.data.WithIndex"
+        )
+    return {k: b.extra[k] for k in keys}
+
+
 def teacher_outputs(
     teacher: Any, objective: nn.Module, b: Any, accelerator: Any, *, to_channels_last: bool
 ) -> Outputs | None:
@@ -193,15 +231,16 @@ def sync_buffers(module: nn.Module, accelerator: Any) -> None:
 
 def describe_objective(objective: nn.Module) -> dict[str, Any]:
     """What the run record says of an objective: its registered name (distill.losses.LOSSES),
-    its temperature, and the weight of its teacher term (`kd_weight`) where it has one."""
-    from distill.losses import LOSSES, KDLoss, MultiLabelKDLoss
+    its temperature, and the weight of its teacher term (`kd_weight`) where it has one (the
+    argument its class's `common_args` maps kd_weight to)."""
+    from distill.losses import method_name
 
-    names: dict[type, str] = {cls: name for name, cls in LOSSES.items()}
     inner = getattr(objective, "inner", objective)  # a wrapper (tests) shows its objective
-    kd_weight = inner.alpha if isinstance(inner, (KDLoss, MultiLabelKDLoss)) else None
+    weight_arg = getattr(type(inner), "common_args", {}).get("kd_weight")
+    kd_weight = getattr(inner, weight_arg, None) if weight_arg else None
     temperature = getattr(inner, "temperature", None)
     return {
-        "method": names.get(type(inner), type(inner).__name__),
+        "method": method_name(inner),
         "temperature": float(temperature) if isinstance(temperature, (int, float)) else None,
         "kd_weight": float(kd_weight) if isinstance(kd_weight, (int, float)) else None,
     }

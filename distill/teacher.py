@@ -29,6 +29,7 @@ OUTPUT_KINDS = TASK_KINDS
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "INPUT_SUFFIX",
     "OUTPUT_KINDS",
     "FeatureHooks",
     "OutputKind",
@@ -37,6 +38,7 @@ __all__ = [
     "as_teacher",
     "auto_teacher_dtype",
     "check_teacher_outputs",
+    "split_hook_path",
     "teacher_dtype",
 ]
 
@@ -103,11 +105,32 @@ def extract_output(out: Any) -> Tensor:
     )
 
 
+INPUT_SUFFIX = ":input"
+
+
+def split_hook_path(path: str) -> tuple[str, bool]:
+    """("layer1.2.relu:input") -> ("layer1.2.relu", True): the module path, and whether the
+    module's input is asked for rather than its output."""
+    if path.endswith(INPUT_SUFFIX):
+        return path[: -len(INPUT_SUFFIX)], True
+    return path, False
+
+
 class FeatureHooks:
     """Forward hooks that capture named intermediate activations of a model.
 
     `features` maps a name of your choice to a module path (`"layer3"`, `"blocks.10"`); the
     model itself is not edited. Captured tensors live until the next `clear()`.
+
+    A path ending in ":input" captures the module's first positional input instead of its
+    output, e.g. the pre-activation of a ReLU (`"layer1.2.relu:input"`). The input is copied
+    before the module runs, because an in-place module (`ReLU(inplace=True)`, as in torchvision
+    and timm ResNets) overwrites it. A module called several times per forward keeps the input
+    of its *last* call: torchvision's Bottleneck/BasicBlock reuse one `relu` module for every
+    activation of the block, so `"layerK.N.relu:input"` is the block's output before its final
+    ReLU, after the residual addition. Outputs are not copied: a module whose output a later
+    in-place op changes (`bn3` before `out += identity` in those ResNets) is captured as it is
+    after the whole forward; hook the consumer's input instead.
     """
 
     def __init__(self, model: nn.Module, features: Mapping[str, str] | None) -> None:
@@ -115,19 +138,38 @@ class FeatureHooks:
         self._handles: list[Any] = []
         self.features = dict(features or {})
         modules = dict(model.named_modules())
-        missing = [path for path in self.features.values() if path not in modules]
+        missing = [p for p in self.features.values() if split_hook_path(p)[0] not in modules]
         if missing:
             names = [n for n in modules if n][:40]
             raise ValueError(
                 f"no module named {missing} in {type(model).__name__}; some of its module "
-                f"names: {names}"
+                f"names: {names} (a path may end in {INPUT_SUFFIX!r} to capture the module's "
+                "input)"
             )
         for name, path in self.features.items():
-            self._handles.append(modules[path].register_forward_hook(self._hook(name)))
+            module_path, wants_input = split_hook_path(path)
+            module = modules[module_path]
+            if wants_input:
+                self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
+            else:
+                self._handles.append(module.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str) -> Any:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             self.captured[name] = extract_output(output)
+
+        return hook
+
+    def _input_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any) -> None:
+            if not inputs or not isinstance(inputs[0], Tensor):
+                raise TypeError(
+                    f"feature {name!r}: {type(module).__name__} was called without a tensor as "
+                    f"its first positional argument, so its {INPUT_SUFFIX!r} cannot be captured; "
+                    "hook the module that produces that tensor instead"
+                )
+            # a copy: an in-place module would overwrite its input right after this hook
+            self.captured[name] = inputs[0].clone()
 
         return hook
 
@@ -288,20 +330,29 @@ class Teacher(nn.Module):
 
     def forward(self, x: Any, *, prepared: bool = False) -> Outputs:
         """Run the teacher on a student batch (or on `x` already prepared for it)."""
+        low = _weight(self.model).dtype != torch.float32
+        with torch.inference_mode():
+            raw = self.infer(x, prepared=prepared)
+        # Inference tensors cannot be saved for backward; the losses need plain tensors (and
+        # float32 ones from a bf16/fp16 teacher: softmax at temperature T wants the precision).
+        feats = {k: _plain(v, low) for k, v in raw.features.items()}
+        return Outputs(_plain(raw.output, low), feats)
+
+    def infer(self, x: Any, *, prepared: bool = False) -> Outputs:
+        """`forward` without its copies, for a caller already under `torch.inference_mode`
+        (`distill.ensemble.Teachers` runs every member under one): inference tensors, in the
+        dtype the model produced them in."""
         weight = _weight(self.model)
         low = weight.dtype != torch.float32
         # a bf16/fp16 teacher runs in its own dtype, not in the loop's autocast precision
         no_autocast = torch.autocast(weight.device.type, enabled=False) if low else nullcontext()
-        with torch.inference_mode(), no_autocast:
+        with no_autocast:
             inp = x if prepared or not isinstance(x, Tensor) else self.convert(x)
             if low:
                 inp = _cast_floats(inp, weight.dtype)
             self._hooks.pop()
             out = extract_output(self._run(inp, weight))
-            feats = self._hooks.pop()
-        # Inference tensors cannot be saved for backward; the losses need plain tensors (and
-        # float32 ones from a bf16/fp16 teacher: softmax at temperature T wants the precision).
-        return Outputs(_plain(out, low), {k: _plain(v, low) for k, v in feats.items()})
+            return Outputs(out, self._hooks.pop())
 
     def _run(self, inp: Any, weight: Tensor) -> Any:
         try:
@@ -399,7 +450,11 @@ def check_teacher_outputs(
 
 
 def as_teacher(model: nn.Module | Teacher | None, **kwargs: Any) -> Teacher | None:
-    """Wrap a bare module in a Teacher (pass-through for Teachers and None)."""
+    """Wrap a bare module in a Teacher (pass-through for Teachers, None, and modules that act as
+    one: `acts_as_teacher = True`, as `distill.ensemble.Teachers`, which serves wherever a
+    Teacher does)."""
     if model is None or isinstance(model, Teacher):
         return model
+    if getattr(model, "acts_as_teacher", False) is True:
+        return cast(Teacher, model)  # duck-typed: distill.ensemble imports this module
     return Teacher(cast(nn.Module, model), **kwargs)

@@ -55,10 +55,16 @@ def identity(cfg: CacheableRecipeConfig, dataset: Any, num_classes: int) -> dict
     """What a recipe's cache depends on, in readable form. The teacher's view of each crop
     follows from its spec, so the transform part is the student's view and the crop
     distribution only."""
-    spec, options = parse_teacher(cfg.teacher, cfg.teacher_options)
+    said = [parse_teacher(raw, cfg.teacher_options) for raw in cfg.teacher_specs()]
+    teacher: Any = [{"spec": spec, "options": options} for spec, options in said]
+    if len(teacher) == 1:
+        teacher = teacher[0]  # the shape of caches built before ensembles
+    else:  # an ensemble: how it combines is part of what it answers
+        teacher = {"members": teacher, "ensemble": cfg.ensemble, "weights": cfg.teacher_weights,
+                   "temperature": cfg.temperature if cfg.ensemble == "probs" else None}  # fmt: skip
     transform = {k: v for k, v in dataset.transform_config().items() if k != "teacher"}
     return {
-        "teacher": {"spec": spec, "options": options},
+        "teacher": teacher,
         "dataset": dataset.data_signature(),
         "images": len(dataset),
         "transform": json.loads(json.dumps(transform, default=str)),
@@ -148,7 +154,8 @@ def _train_from(
         data, ctx.per_process_batch, train=True, workers=cfg.workers, seed=cfg.seed
     )
     meta = cache.manifest.get("teacher_meta") or {}
-    name = str(meta.get("name") or parse_teacher(cfg.teacher, {})[0] or "cached")
+    specs = [parse_teacher(raw, {})[0] for raw in cfg.teacher_specs()]
+    name = str(meta.get("name") or "+".join(s for s in specs if s) or "cached")
     notes = {
         "teacher_cache": {
             "path": str(cache.path),

@@ -4,7 +4,8 @@ YAML only sets values (it is read with `yaml.safe_load`, nothing is imported or 
 string); every command-line flag `--some-field VALUE` overrides the field `some_field`. All
 problems (unknown keys or flags, wrong types, out-of-range values) are collected and raised
 together in one `ConfigError`, before any model or data is touched. This module imports no
-torch, so a bad config fails in well under a second.
+torch; checking `method` reads the one method registry (distill.losses), which does (about a
+second), so a bad config still fails in seconds.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from distill.config import (
 
 C = TypeVar("C", bound="RecipeConfig")
 
+Ensemble = Literal["probs", "losses"]  # distill.ensemble.Teachers' combine
 GpuPipeline = Literal["auto", "on", "off"]
 Optimizer = Literal["sgd", "adamw"]  # distill.schedules.OptimizerName
 Schedule = Literal["step", "cosine", "constant"]  # distill.schedules.ScheduleName
@@ -102,16 +104,26 @@ class RecipeConfig:
     student: str = "mobilenet_v1"  # a registered student, or timm:NAME / torchvision:NAME
     alpha: float = 1.0  # MobileNet's width multiplier (not the KD weight: see --kd-weight)
     resolution: int = 224  # the student's input size (the paper's resolution multiplier)
-    teacher: str | None = None  # a teachers spec, optionally followed by key=value options
+    teacher: str | list[str] | None = None  # a teachers spec [key=value ...]; again: an ensemble
+    ensemble: Ensemble = "probs"  # several teachers: mean tempered probabilities, or a loss each
+    teacher_weights: list[float] = field(default_factory=list)  # one per teacher; unset: equal
     teacher_options: dict[str, Any] = field(default_factory=dict)  # keyword args of teachers.load
     teacher_precision: TeacherDtype = "auto"  # the teacher's weights; auto: bf16 on CUDA, else fp32
     method: str = "kd"  # the distillation method (see the choices)
     temperature: float = 4.0  # softmax temperature T of the soft targets
     kd_weight: float = 0.9  # weight of the teacher term, 1 - it on the labels (KD papers' alpha)
 
-    # Recipe classes override these two.
-    METHODS: typing.ClassVar[tuple[str, ...]] = ("kd",)
+    # Recipe classes override these two: the task kind of their students (the methods offered
+    # are the distill.losses registry's for it) and the recipe's name.
+    TASK: typing.ClassVar[str] = "logits"
     NAME: typing.ClassVar[str] = "recipe"
+
+    @classmethod
+    def methods(cls) -> tuple[str, ...]:
+        """The registered methods for this recipe's task (distill.losses.methods_for)."""
+        from distill.losses import methods_for
+
+        return methods_for(cls.TASK)
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -142,8 +154,8 @@ class RecipeConfig:
             p.append(f"lr_steps must be increasing epochs >= 1, got {self.lr_steps}")
         if not 0 <= self.label_smoothing < 1:
             p.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.method not in self.METHODS:
-            p.append(f"method must be one of {', '.join(self.METHODS)}; got {self.method!r}")
+        if self.method not in self.methods():
+            p.append(f"method must be one of {', '.join(self.methods())}; got {self.method!r}")
         if not self.alpha > 0 or self.alpha > 4:
             p.append(f"alpha (width multiplier) must be in (0, 4], got {self.alpha}")
         if self.resolution < 32:
@@ -160,8 +172,27 @@ class RecipeConfig:
             p.append("streaming data has no length: set max_steps")
         if self.resume is not None and not self.resume:
             p.append("resume must be 'latest' or a checkpoint folder")
-        if self.teacher is not None and not self.teacher.strip():
+        p += self._teacher_problems()
+        return p
+
+    def teacher_specs(self) -> list[str]:
+        """The --teacher specs, one per teacher (an ensemble when more than one)."""
+        if self.teacher is None:
+            return []
+        return [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
+
+    def _teacher_problems(self) -> list[str]:
+        specs = self.teacher_specs()
+        p = []
+        if any(not s.strip() for s in specs) or (self.teacher is not None and not specs):
             p.append("teacher must be a spec like 'torchvision:resnet50' or unset")
+        if self.teacher_weights and len(self.teacher_weights) != len(specs):
+            p.append(
+                f"teacher_weights has {len(self.teacher_weights)} weights for {len(specs)} "
+                "teachers: give one per --teacher, or none for equal weights"
+            )
+        if any(not w > 0 for w in self.teacher_weights):
+            p.append(f"teacher_weights must all be > 0, got {self.teacher_weights}")
         return p
 
     def resolved(self) -> dict[str, Any]:
@@ -229,6 +260,11 @@ class CacheableRecipeConfig(RecipeConfig):
             p.append(f"{flag} needs --teacher: the cache is tied to the teacher spec")
         if self.dataset:
             p.append(f"{flag} reads image folders (--data-dir), not --dataset sources")
+        if len(self.teacher_specs()) > 1 and self.ensemble == "losses":
+            p.append(
+                f"{flag} stores one answer per crop, but --ensemble losses needs each teacher's: "
+                "use --ensemble probs (the cache then holds the averaged soft targets)"
+            )
         if self.gpu_pipeline == "on":
             p.append(
                 f"{flag} replays stored crops with the PIL pipeline: use --gpu-pipeline auto or off"
@@ -318,7 +354,7 @@ def build_parser(cls: type[RecipeConfig], description: str) -> argparse.Argument
         tp = hints[f.name]
         factory: Any = f.default_factory
         default = f.default if f.default is not dataclasses.MISSING else factory()
-        choices = _choices(tp) or (list(cls.METHODS) if f.name == "method" else [])
+        choices = _choices(tp) or (list(cls.methods()) if f.name == "method" else [])
         text = comments.get(f.name, f.name.replace("_", " "))
         text += f"; one of {', '.join(map(str, choices))}" if choices else ""
         kwargs: dict[str, Any] = {
@@ -330,6 +366,8 @@ def build_parser(cls: type[RecipeConfig], description: str) -> argparse.Argument
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         elif f.name == "resume":
             kwargs.update(nargs="?", const="latest", metavar="latest|PATH")
+        elif f.name == "teacher":  # given more than once: an ensemble
+            kwargs.update(action="append", metavar="SPEC")
         ap.add_argument(flag, **kwargs)
     return ap
 
@@ -352,7 +390,14 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, description: str = ""
         except ConfigError as e:
             raise ConfigError(e.problems + problems, str(config_file)) from None
     hints = typing.get_type_hints(cls)
+    if isinstance(ns.get("teacher"), list) and len(ns["teacher"]) == 1:
+        ns["teacher"] = ns["teacher"][0]  # one --teacher: a spec, as in YAML
     for name, raw in ns.items():
+        if name == "teacher" and isinstance(raw, list):
+            if "list" not in str(hints[name]):
+                problems.append(f"the {cls.NAME} recipe takes one --teacher, got {len(raw)}")
+            data[name] = list(raw)
+            continue
         try:
             data[name] = _cli_value(raw, hints[name])
         except ValueError as e:

@@ -193,14 +193,36 @@ def describe(cfg: RecipeConfig, **fields: Any) -> RunInfo:
 
 
 def load_teacher(cfg: RecipeConfig, **defaults: Any) -> Teacher:
-    """`teachers.load(cfg.teacher, **defaults, **cfg.teacher_options, **inline options)`."""
+    """`teachers.load(spec, **defaults, **cfg.teacher_options, **inline options)` for each
+    --teacher; several make one `distill.ensemble.Teachers` (--ensemble, --teacher-weights; in
+    "probs" mode at the recipe's temperature)."""
+    specs = cfg.teacher_specs()
+    if not specs:
+        raise RecipeError("this method needs a teacher: set --teacher (a teachers spec)")
+    members = [_load_one(raw, cfg.teacher_options, defaults) for raw in specs]
+    if len(members) == 1:
+        return members[0]
+    from distill.ensemble import Teachers
+
+    probs = cfg.ensemble == "probs"
+    with user_errors(f"combining the teachers {[m.name for m in members]}"):
+        ensemble = Teachers(
+            members,
+            weights=cfg.teacher_weights or None,
+            combine=cfg.ensemble,
+            temperature=cfg.temperature if probs else None,
+        )
+    return ensemble  # type: ignore[return-value]  # acts as a Teacher (distill.ensemble)
+
+
+def _load_one(raw: str, options: Any, defaults: dict[str, Any]) -> Teacher:
     import teachers
 
-    spec, options = parse_teacher(cfg.teacher, cfg.teacher_options)
+    spec, kwargs = parse_teacher(raw, options)
     if spec is None:
-        raise RecipeError("this method needs a teacher: set --teacher (a teachers spec)")
+        raise RecipeError(f"--teacher {raw!r} names no teacher: give a teachers spec")
     with user_errors(f"loading the teacher {spec!r}"):
-        return teachers.load(spec, **{**defaults, **options})
+        return teachers.load(spec, **{**defaults, **kwargs})
 
 
 def build_student(cfg: RecipeConfig, num_outputs: int) -> nn.Module:

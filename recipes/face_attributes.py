@@ -65,7 +65,7 @@ class FaceAttributesConfig(CacheableRecipeConfig):
     crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # aligned faces
     label_column: str = "attributes"  # --dataset sources: a column of 40 values in {0, 1}
 
-    METHODS: ClassVar[tuple[str, ...]] = ("multilabel_kd", "multilabel_bce")
+    TASK: ClassVar[str] = "multilabel"
     NAME: ClassVar[str] = "face_attributes"
 
     def problems(self) -> list[str]:

@@ -69,7 +69,7 @@ class FaceNetConfig(CacheableRecipeConfig):
     normalize: bool = True  # compare L2-normalised embeddings (FaceNet's are normalised)
     crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # area range of crops
 
-    METHODS: ClassVar[tuple[str, ...]] = ("embedding",)
+    TASK: ClassVar[str] = "embedding"
     NAME: ClassVar[str] = "facenet"
 
     def problems(self) -> list[str]:

@@ -17,7 +17,7 @@ loading the teacher (metrics.json then has no teacher metrics).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,19 +43,15 @@ from recipes._run import (
 class ImageNetConfig(CacheableRecipeConfig):
     output_dir: str = "runs/imagenet"
     experiment: str = "imagenet"
-    teacher: str | None = "torchvision:resnet50 weights=IMAGENET1K_V1"
+    teacher: str | list[str] | None = "torchvision:resnet50 weights=IMAGENET1K_V1"
     method: str = "kd"
     temperature: float = 1.0
     kd_weight: float = 0.5
     num_classes: int | None = None  # default: the dataset's classes
     crop_pct: float = 0.875  # evaluation: resize to resolution / crop_pct, centre crop
-    # DKD (Zhao et al. 2022): loss = dkd_ce_weight * CE + warm-up * (dkd_alpha*TCKD + dkd_beta*NCKD)
-    dkd_alpha: float = 1.0  # DKD: weight of the target-class term (TCKD)
-    dkd_beta: float = 2.0  # DKD: weight of the non-target term (NCKD); 2 for R50 -> MBv1
-    dkd_ce_weight: float = 1.0  # DKD: weight of the label cross-entropy
-    dkd_warmup_epochs: float = 1.0  # DKD: epochs to full weight (1: full from the start)
+    # the method's own settings, by its objective's argument names (README: the loss table)
+    method_args: dict[str, Any] = field(default_factory=dict)  # e.g. {beta: 2.0} for dkd
 
-    METHODS: ClassVar[tuple[str, ...]] = ("kd", "dkd", "ce")
     NAME: ClassVar[str] = "imagenet"
 
     def problems(self) -> list[str]:
@@ -66,9 +62,8 @@ class ImageNetConfig(CacheableRecipeConfig):
             p.append(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.method != "ce" and not self.teacher:
             p.append(f"method {self.method} needs a teacher (--teacher)")
-        for name in ("dkd_alpha", "dkd_beta", "dkd_ce_weight", "dkd_warmup_epochs"):
-            if getattr(self, name) < 0:
-                p.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.method == "ce" and self.method_args:
+            p.append(f"method ce takes label_smoothing, not method_args {self.method_args}")
         return p
 
 
@@ -138,21 +133,30 @@ def _classes(cfg: ImageNetConfig, train_set: Any, name: str, teacher: Any) -> in
     return int(num_classes)
 
 
-def _objective(cfg: ImageNetConfig) -> Any:
-    from distill.losses import CrossEntropy, DKDLoss, KDLoss
+def _objective(cfg: ImageNetConfig, student: Any, teacher: Any, num_samples: int | None) -> Any:
+    """The --method objective from the one registry (distill.losses), with the shared settings
+    mapped onto its arguments and --method-args passed as they are."""
+    from distill.losses import create_objective
 
-    with user_errors(f"building the {cfg.method} objective"):
-        if cfg.method == "kd":
-            return KDLoss(temperature=cfg.temperature, alpha=cfg.kd_weight)
-        if cfg.method == "dkd":
-            return DKDLoss(
-                alpha=cfg.dkd_alpha,
-                beta=cfg.dkd_beta,
-                temperature=cfg.temperature,
-                ce_weight=cfg.dkd_ce_weight,
-                warmup_epochs=cfg.dkd_warmup_epochs,
-            )
-        return CrossEntropy(label_smoothing=cfg.label_smoothing)
+    common = {
+        "temperature": cfg.temperature,
+        "kd_weight": cfg.kd_weight,
+        "label_smoothing": cfg.label_smoothing,
+    }
+    with user_errors(f"building the {cfg.method} objective (--method-args {cfg.method_args})"):
+        if len(cfg.teacher_specs()) > 1 and cfg.ensemble == "losses" and cfg.method != "ce":
+            from distill.losses import PerTeacher  # one loss per teacher, weighted
+
+            one = create_objective(cfg.method, common=common, **cfg.method_args)
+            return PerTeacher(one, teacher.weights)
+        return create_objective(
+            cfg.method,
+            student=student,
+            teacher=teacher,
+            common=common,
+            num_samples=num_samples,
+            **cfg.method_args,
+        )
 
 
 def _gpu_loader(cfg: ImageNetConfig, ctx: Context, train_set: Any, device: Any) -> Any:
@@ -183,6 +187,7 @@ def _gpu_loader(cfg: ImageNetConfig, ctx: Context, train_set: Any, device: Any) 
 
 def build(cfg: ImageNetConfig, ctx: Context) -> Built:
     from distill.data.transforms import paired_views
+    from distill.step import describe_objective
 
     # 1. data (cheap layout checks before any weights are read)
     if cfg.dataset:
@@ -205,6 +210,9 @@ def build(cfg: ImageNetConfig, ctx: Context) -> Built:
         train_loader = _gpu_loader(cfg, ctx, train_set, device)
     # 4. student and objective
     student = build_student(cfg, num_classes)
+    size = len(train_set) if hasattr(train_set, "__len__") else None  # streams: unknown
+    objective = _objective(cfg, student, teacher, size)
+    said = describe_objective(objective)  # its temperature and teacher weight, if it has them
     distilled = cfg.method != "ce"
     info = describe(
         cfg,
@@ -212,13 +220,13 @@ def build(cfg: ImageNetConfig, ctx: Context) -> Built:
         method=cfg.method,
         dataset=dataset_name,
         teacher=teacher.name if teacher is not None else offline.teacher_name,
-        temperature=cfg.temperature if distilled else None,
-        kd_weight=cfg.kd_weight if cfg.method == "kd" else None,  # DKD: dkd_alpha/dkd_beta
+        temperature=said["temperature"] if distilled else None,
+        kd_weight=said["kd_weight"],
     )
     return Built(
         student=student,
         teacher=teacher,
-        objective=_objective(cfg),
+        objective=objective,
         train_loader=train_loader,
         eval_loader=eval_loader,
         info=info,

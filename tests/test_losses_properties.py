@@ -41,7 +41,13 @@ def _logit_case(draw: st.DrawFn, name: str) -> Case:
     if name == "kd":
         kwargs["alpha"] = draw(st.floats(0.0, 1.0))
         kwargs["standardize"] = draw(st.booleans())
+    if name == "mlkd":
+        temps = draw(st.lists(TEMPERATURE, min_size=1, max_size=3))
+        kwargs = {"temperatures": tuple(temps), "standardize": draw(st.booleans())}
+    if name == "kd" and draw(st.booleans()):  # CTKD's learnable temperature, in (1, 21)
+        kwargs.update(learnable_temperature=True, temperature=draw(st.floats(1.01, 20.9)))
     if name == "dkd":
+        kwargs["standardize"] = draw(st.booleans())
         kwargs["warmup_epochs"] = draw(st.sampled_from([0.0, 1.0, 20.0]))
         kwargs["warmup_schedule"] = draw(st.sampled_from(["epoch", "linear"]))
     obj = create_objective(name, **kwargs)
@@ -110,9 +116,50 @@ def _feature_case(draw: st.DrawFn, name: str) -> Case:
         )
         f_t = _tensor(draw, tuple(f_s.shape))
         return obj, Outputs(s, {"ft": f_s}), Outputs(t, {"ft": f_t}), y
+    if name == "crd":
+        obj = _WithIndex(
+            create_objective(
+                "crd",
+                student_layer="a",
+                teacher_layer="b",
+                student_dim=cs * hs * hs,
+                teacher_dim=ct * ht * ht,
+                num_samples=8,
+                nce_k=4,
+                logit_loss=logit,
+            ),
+            torch.arange(b),
+        )
+        return obj, Outputs(s, {"crd": f_s}), Outputs(t, {"crd": f_t}), y
+    if name in ("reviewkd", "ofd"):
+        b = max(b, 2)  # ReviewKD's deepest BatchNorm needs a batch of 2 in training
+        f_s, f_t = _tensor(draw, (b, cs, hs, hs)), _tensor(draw, (b, ct, ht, ht))
+        s, t = _tensor(draw, (b, 3)), _tensor(draw, (b, 3))
+        y = torch.tensor(draw(st.lists(st.integers(0, 2), min_size=b, max_size=b)))
+        extra: dict[str, Any] = (
+            {"margins": [-torch.rand(ct, generator=torch.Generator().manual_seed(0))]}
+            if name == "ofd"
+            else {"mid_channels": 2}
+        )
+        obj = create_objective(name, student_layers=["a"], teacher_layers=["b"],
+                               student_channels=[cs], teacher_channels=[ct], logit_loss=logit,
+                               **extra)  # fmt: skip
+        key = "review0" if name == "reviewkd" else "ofd0"
+        return obj, Outputs(s, {key: f_s}), Outputs(t, {key: f_t}), y
     resize = draw(st.sampled_from(["feature", "attention"]))
     obj = create_objective("at", layers={"a": "b"}, logit_loss=logit, resize=resize)
     return obj, Outputs(s, {"at0": f_s}), Outputs(t, {"at0": f_t}), y
+
+
+class _WithIndex(Objective):
+    """Feeds an objective that reads the batch's "index" (CRD) the indices the loop would."""
+
+    def __init__(self, inner: Objective, index: torch.Tensor) -> None:
+        super().__init__()
+        self.inner, self.index = inner, index
+
+    def forward(self, student: Outputs, teacher: Outputs | None, target: Any) -> Any:
+        return self.inner(student, teacher, target, index=self.index)
 
 
 CASES: dict[str, Callable[[str], st.SearchStrategy[Case]]] = {
@@ -130,6 +177,10 @@ CASES: dict[str, Callable[[str], st.SearchStrategy[Case]]] = {
     "cc": _feature_case,
     "vid": _feature_case,
     "ft": _feature_case,
+    "mlkd": _logit_case,
+    "crd": _feature_case,
+    "reviewkd": _feature_case,
+    "ofd": _feature_case,
 }
 
 
@@ -204,6 +255,53 @@ def _example(name: str) -> Case:
             y,
         ),
         "dist": (create_objective("dist"), Outputs(s), Outputs(t), y),
+        "mlkd": (create_objective("mlkd"), Outputs(s), Outputs(t), y),
+        "reviewkd": (
+            create_objective(
+                "reviewkd",
+                student_layers=["a"],
+                teacher_layers=["b"],
+                student_channels=[3],
+                teacher_channels=[6],
+                mid_channels=4,
+                logit_loss=KDLoss(),
+            ),
+            Outputs(s, {"review0": maps_s}),
+            Outputs(t, {"review0": maps_t}),
+            y,
+        ),
+        "ofd": (
+            create_objective(
+                "ofd",
+                student_layers=["a"],
+                teacher_layers=["b"],
+                student_channels=[3],
+                teacher_channels=[6],
+                margins=[-torch.ones(6)],
+                logit_loss=KDLoss(),
+            ),
+            Outputs(s, {"ofd0": maps_s}),
+            Outputs(t, {"ofd0": maps_t}),
+            y,
+        ),
+        "crd": (
+            _WithIndex(
+                create_objective(
+                    "crd",
+                    student_layer="a",
+                    teacher_layer="b",
+                    student_dim=48,
+                    teacher_dim=384,
+                    num_samples=8,
+                    nce_k=4,
+                    logit_loss=KDLoss(),
+                ),
+                torch.arange(4),
+            ),
+            Outputs(s, {"crd": maps_s}),
+            Outputs(t, {"crd": maps_t}),
+            y,
+        ),
         "vid": (
             create_objective("vid", layers={"a": "b"}, channels=[(3, 6)], logit_loss=KDLoss()),
             Outputs(s, {"vid0": maps_s}),

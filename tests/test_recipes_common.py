@@ -178,7 +178,7 @@ def test_published_imagenet_setting() -> None:
         assert c.lr_steps == [30, 60, 90] and c.teacher and "IMAGENET1K_V1" in c.teacher
         assert (c.student, c.alpha, c.resolution, c.temperature) == ("mobilenet_v1", 1, 224, 1)
     assert kd.method == "kd" and kd.kd_weight == 0.5
-    assert dkd.method == "dkd" and (dkd.dkd_alpha, dkd.dkd_beta) == (1.0, 2.0)
+    assert dkd.method == "dkd" and (dkd.method_args["alpha"], dkd.method_args["beta"]) == (1, 2)
     text = (CONFIGS / "imagenet_kd.yaml").read_text()
     assert "70.50%" in text and "68.87%" in text and "72.05%" in text
 
@@ -221,7 +221,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "alpha (width multiplier) must be in (0, 4]",
         "resolution must be >= 32",
         "batch_size must be >= 1",
-        "method must be one of kd, dkd, ce",
+        "method must be one of ce, kd, dkd, dist, ",
         "unknown option '--tempreture' (did you mean --temperature?)",
     ):
         assert needle in text, f"{needle!r} missing from:\n{text}"

@@ -52,8 +52,8 @@ def test_report_blocks_panels_and_axes() -> None:
         "KD on digits",
     )
     kinds = [type(b).__name__ for b in report.blocks]
-    assert kinds == ["MarkdownBlock"] + ["H2", "PanelGrid"] * 4
-    tradeoff, hyper, curves, runs = _grids(report)
+    assert kinds == ["MarkdownBlock"] + ["H2", "PanelGrid"] * 5
+    tradeoff, by_method, hyper, curves, runs = _grids(report)
 
     # Figure 11: metric vs mult-adds and vs params, log x, from the run summaries
     scatter = [p for p in tradeoff.panels if isinstance(p, wr.ScatterPlot)]
@@ -64,6 +64,20 @@ def test_report_blocks_panels_and_axes() -> None:
     spec = scatter[0]._to_model().model_dump(by_alias=True, exclude_none=True)["config"]
     assert (spec["xAxis"], spec["yAxis"]) == ("summary:mult_adds", "summary:eval/top1")
     assert spec["xAxisLogScale"] is True
+
+    # by method: bars of the metric, the gap and training images/s, mean ± std over seeds,
+    # over the distilled runs
+    assert [p.metrics for p in by_method.panels] == [
+        [wr.SummaryMetric("eval/top1")],
+        [wr.SummaryMetric("gap_to_teacher/top1")],
+        [wr.SummaryMetric("images_per_s")],
+    ]
+    for p in by_method.panels:
+        assert isinstance(p, wr.BarPlot) and p.groupby == wr.Config("method")
+        assert (p.groupby_aggfunc, p.groupby_rangefunc) == ("mean", "stddev")
+        cfg = p._to_model().model_dump(by_alias=True, exclude_none=True)["config"]
+        assert cfg["groupBy"] == "method.value"
+    assert [r.name for r in by_method.runsets] == ["distilled"]
 
     # parallel coordinates: alpha, resolution, T, kd_weight -> metric
     (pc,) = hyper.panels
@@ -104,7 +118,8 @@ def test_report_blocks_panels_and_axes() -> None:
 
 def test_runsets_filter_on_group_and_role() -> None:
     report = build_report("my-team", "mobiledistill", group="digits-ab")
-    tradeoff, *rest = _grids(report)
+    tradeoff, by_method, *rest = _grids(report)
+    assert _leaves(by_method.runsets[0].filters) == {"group": "digits-ab", "jobType": "distilled"}
     assert [rs.name for rs in tradeoff.runsets] == list(ROLES)
     for rs, role in zip(tradeoff.runsets, ROLES):
         assert (rs.entity, rs.project) == ("my-team", "mobiledistill")
@@ -116,7 +131,7 @@ def test_runsets_filter_on_group_and_role() -> None:
     # without --group: every run of the project, roles still separated
     everything = _grids(build_report("my-team", "mobiledistill", metric="map"))
     assert _leaves(everything[0].runsets[2].filters) == {"jobType": "distilled"}
-    assert everything[1].runsets[0].filters == ""
+    assert everything[2].runsets[0].filters == ""
     assert everything[0].panels[0].y == wr.SummaryMetric("eval/map")
 
 

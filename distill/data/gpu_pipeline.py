@@ -40,6 +40,7 @@ from distill.data.transforms import (
     DEFAULT_SCALE,
     CropParams,
     PairedTransform,
+    TeacherViews,
     ViewSpec,
     to_uint8_image,
 )
@@ -79,7 +80,9 @@ class GpuBatchTransform:
 
     The student's view is `size` with `mean`/`std`/`interpolation`; `teacher` (a `ViewSpec`)
     adds "teacher_input", the same crop boxes rendered natively at the teacher's resolution,
-    normalisation and interpolation, unless it renders exactly like the student's view.
+    normalisation and interpolation, unless it renders exactly like the student's view; a
+    tuple of views (an ensemble's, from `paired_views(teachers, ...)`) makes it a tuple of
+    batches, one per member.
     `train=True`: random-resized-crop (`scale`, `ratio`) + horizontal flip (`hflip`), one per
     image from its crop seed; `train=False`: centre crop of `crop_pct`. Crops and rendering are
     those of the equivalent `PairedTransform` (`self.views`); `from_paired` builds one from it.
@@ -90,7 +93,7 @@ class GpuBatchTransform:
         self,
         size: int | tuple[int, int] = 224,
         *,
-        teacher: ViewSpec | None = None,
+        teacher: TeacherViews = None,
         train: bool = True,
         scale: tuple[float, float] = DEFAULT_SCALE,
         ratio: tuple[float, float] = DEFAULT_RATIO,
@@ -107,7 +110,7 @@ class GpuBatchTransform:
         student = ViewSpec(size, tuple(mean), tuple(std), interpolation)
         self.views = PairedTransform(
             student,
-            None if student.same_as(teacher) else teacher,
+            None if isinstance(teacher, ViewSpec) and student.same_as(teacher) else teacher,
             train=train,
             scale=scale,
             ratio=ratio,
@@ -150,7 +153,7 @@ class GpuBatchTransform:
         return self.views.student.size
 
     @property
-    def teacher(self) -> ViewSpec | None:
+    def teacher(self) -> TeacherViews:
         return self.views.teacher
 
     @property
@@ -162,9 +165,14 @@ class GpuBatchTransform:
         from dataclasses import asdict
 
         v = self.views
+        teacher: Any = None
+        if isinstance(v.teacher, ViewSpec):
+            teacher = asdict(v.teacher)
+        elif v.teacher is not None:  # an ensemble's, one per member
+            teacher = [asdict(t) for t in v.teacher]
         return {
             "student": asdict(v.student),
-            "teacher": None if v.teacher is None else asdict(v.teacher),
+            "teacher": teacher,
             "train": v.train,
             "scale": list(v.scale),
             "ratio": list(v.ratio),
@@ -230,19 +238,28 @@ class GpuBatchTransform:
             for img, s in zip(images, seeds)
         ]
 
-    def apply(self, images: Sequence[Tensor], params: Sequence[CropParams]) -> dict[str, Tensor]:
+    def apply(self, images: Sequence[Tensor], params: Sequence[CropParams]) -> dict[str, Any]:
         """Render each view of decoded uint8 `images` with given crops: {"input": (B, 3, h, w),
-        "teacher_input"?: (B, 3, H_t, W_t)}, normalised float32, on the images' device."""
+        "teacher_input"?: (B, 3, H_t, W_t), or a tuple of those for an ensemble}, normalised
+        float32, on the images' device."""
         if len(images) != len(params) or not images:
             raise ValueError(f"{len(images)} images and {len(params)} crops: need as many, >= 1")
         rendered = [self.views.apply(img, p) for img, p in zip(images, params)]
-        out = {}
-        for key in rendered[0]:
-            batch = torch.stack([r[key] for r in rendered])
-            if self.channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            out[key] = batch
+        out: dict[str, Any] = {}
+        for key, first in rendered[0].items():
+            if isinstance(first, tuple):  # an ensemble's views: one batch per member
+                out[key] = tuple(
+                    self._stack([r[key][m] for r in rendered]) for m in range(len(first))
+                )
+            else:
+                out[key] = self._stack([r[key] for r in rendered])
         return out
+
+    def _stack(self, views: list[Tensor]) -> Tensor:
+        batch = torch.stack(views)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
 
     def __call__(
         self,
@@ -251,7 +268,7 @@ class GpuBatchTransform:
         *,
         device: str | torch.device | None = None,
         names: Sequence[str] | None = None,
-    ) -> dict[str, Tensor]:
+    ) -> dict[str, Any]:
         """Decode, crop and render a batch on `device` (default `self.device`)."""
         images = self.decode(data, device=device, names=names)
         return self.apply(images, self.params(images, crop_seeds))

@@ -14,6 +14,7 @@ This module is the one owner of what the teacher sees, on every code path and de
   and natively for the teacher ("teacher_input"); `paired_views` builds it for a (teacher,
   student resolution) pair, and `distill.data.gpu_pipeline.GpuBatchTransform.from_paired`
   derives the batched (nvJPEG) pipeline from it, so both paths show the teacher the same crop.
+  For an ensemble (`distill.ensemble.Teachers`) "teacher_input" is a tuple: one per member.
 
 `build_transforms` is the usual single-model ImageNet pipeline (torchvision's own transforms).
 """
@@ -32,6 +33,7 @@ from torch import Tensor
 from distill.constants import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
+    from distill.ensemble import Teachers
     from distill.teacher import Teacher
 
 DEFAULT_CROP_PCT = 0.875  # eval: resize to R / 0.875, centre-crop R (the ImageNet convention)
@@ -85,6 +87,9 @@ class ViewSpec:
             return False
         mine = (self.size, self.mean, self.std, self.interpolation)
         return mine == (other.size, other.mean, other.std, other.interpolation)
+
+
+TeacherViews = ViewSpec | tuple[ViewSpec, ...] | None  # none, one, one per ensemble member
 
 
 @dataclass(frozen=True)
@@ -315,13 +320,14 @@ class PairedTransform:
     training loop seeds per (seed, epoch, index). With `seed` set, calls that pass `index` use a
     generator seeded by (seed, epoch, index) instead (`params_for`), for loaders without that
     per-sample seeding. `return_params=True` adds "crop": (5,) int64. `teacher=None` gives the
-    student view only.
+    student view only; a tuple of views (an ensemble's, one per member) makes "teacher_input" a
+    tuple of tensors in that order (views that render alike share one tensor).
     """
 
     def __init__(
         self,
         student: ViewSpec,
-        teacher: ViewSpec | None = None,
+        teacher: TeacherViews = None,
         *,
         train: bool,
         scale: tuple[float, float] = DEFAULT_SCALE,
@@ -386,17 +392,19 @@ class PairedTransform:
             return self.sample_params(image_size)
         return self.sample_params(image_size, crop_generator(crop_seed))
 
-    def apply(self, img: Image.Image | Tensor, params: CropParams) -> dict[str, Tensor]:
+    def apply(self, img: Image.Image | Tensor, params: CropParams) -> dict[str, Any]:
         """Render `params` of a decoded image (PIL RGB, or (3, H, W) uint8 on any device)."""
         x = to_uint8_image(img)
-        out = {"input": render_view(x, params, self.student)}
-        if self.teacher is not None:
+        out: dict[str, Any] = {"input": render_view(x, params, self.student)}
+        if isinstance(self.teacher, ViewSpec):
             out["teacher_input"] = render_view(x, params, self.teacher)
+        elif self.teacher is not None:
+            out["teacher_input"] = _render_members(x, params, self.teacher, self.student, out)
         if self.return_params:
             out["crop"] = params.as_tensor()
         return out
 
-    def __call__(self, img: Image.Image | Tensor, index: int | None = None) -> dict[str, Tensor]:
+    def __call__(self, img: Image.Image | Tensor, index: int | None = None) -> dict[str, Any]:
         x = to_uint8_image(img)
         size = (int(x.shape[-1]), int(x.shape[-2]))  # PIL order: (width, height)
         if self.seed is not None and index is not None:
@@ -407,7 +415,7 @@ class PairedTransform:
 
 
 def paired_views(
-    teacher: Teacher | None,
+    teacher: Teacher | Teachers | None,
     resolution: Size,
     *,
     train: bool,
@@ -422,28 +430,53 @@ def paired_views(
     `model_mean`/`model_std` say otherwise) and, when the teacher wants other tensors, natively
     for the teacher ("teacher_input", at its `input_size`, `mean`/`std`, `interpolation`).
 
+    For a `distill.ensemble.Teachers` whose members do not all take the student's tensors,
+    "teacher_input" is a tuple of views, one per member at its own size and normalisation (a
+    member without `input_size`: the student's size, in its normalisation, rendered rather than
+    re-normalised: equal up to float rounding), which `Teachers(views, prepared=True)` reads.
+
     The batched pipeline derives from the result:
     `GpuBatchTransform.from_paired(paired_views(...), device=...)` renders the same views.
     """
+    from distill.ensemble import Teachers  # lazy: `import distill.data` stays light
+
     student = ViewSpec(
         resolution, tuple(model_mean or IMAGENET_MEAN), tuple(model_std or IMAGENET_STD)
     )
-    teacher_view = None
-    if teacher is not None and teacher.input_size is not None:
-        # the Teacher also resizes with "area", which a crop renderer has not: antialiased
-        # bilinear is what "area" amounts to when shrinking
-        interp = teacher.interpolation if teacher.interpolation in INTERPOLATIONS else "bilinear"
-        teacher_view = ViewSpec(
-            (int(teacher.input_size[0]), int(teacher.input_size[1])),
-            tuple(teacher.mean or student.mean),
-            tuple(teacher.std or student.std),
-            interp,
-        )
+    teacher_view: TeacherViews = None
+    if isinstance(teacher, Teachers):
+        views = tuple(_native_view(m, student) for m in teacher)
+        if not all(v.same_as(student) for v in views):
+            teacher_view = views  # else every member converts the student's batch (a no-op)
+    elif teacher is not None and teacher.input_size is not None:
+        teacher_view = _native_view(teacher, student)
         if teacher_view.same_as(student):
             teacher_view = None  # the Teacher converts the student's batch itself (a no-op)
     return PairedTransform(
         student, teacher_view, train=train, crop_pct=crop_pct, scale=scale, ratio=ratio
     )
+
+
+def _native_view(teacher: Teacher, student: ViewSpec) -> ViewSpec:
+    """The view `teacher` wants: its input size, mean, std (each else the student's) and its
+    interpolation ("area", which a crop renderer has not, as antialiased bilinear: what it
+    amounts to when shrinking)."""
+    interp = teacher.interpolation if teacher.interpolation in INTERPOLATIONS else "bilinear"
+    h, w = teacher.input_size if teacher.input_size is not None else student.size
+    mean, std = tuple(teacher.mean or student.mean), tuple(teacher.std or student.std)
+    return ViewSpec((int(h), int(w)), mean, std, interp)
+
+
+def _render_members(
+    x: Tensor, params: CropParams, views: tuple[ViewSpec, ...], student: ViewSpec, out: Any
+) -> tuple[Tensor, ...]:
+    """One view per ensemble member; one that renders like the student's (`out["input"]`) or an
+    earlier member's reuses that tensor."""
+    done: list[tuple[ViewSpec, Tensor]] = [(student, out["input"])]
+    for view in views:
+        if not any(v.same_as(view) for v, _ in done):
+            done.append((view, render_view(x, params, view)))
+    return tuple(next(t for v, t in done if v.same_as(view)) for view in views)
 
 
 def run_transform(

@@ -72,6 +72,7 @@ class InMemoryLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        """{"input", "target", "index" (positions in the dataset, for CRD's memory bank)}."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         n = len(self.targets)
         order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
@@ -80,7 +81,7 @@ class InMemoryLoader:
             x = self.images[idx]
             if self.shift:
                 x = random_shift(x, self.shift, self.background, g)
-            yield {"input": x, "target": self.targets[idx]}
+            yield {"input": x, "target": self.targets[idx], "index": idx}
 
 
 def random_shift(x: Tensor, max_shift: int, background: Tensor, g: torch.Generator) -> Tensor:

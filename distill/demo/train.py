@@ -100,26 +100,29 @@ def train_run(
     settings: TrainSettings,
     *,
     teacher: nn.Module | None = None,
+    objective: nn.Module | None = None,
     report_to: Literal["none", "wandb"] = "none",
     wandb_dir: str | Path | None = None,
     project: str = "mobiledistill-demo",
 ) -> dict[str, Any]:
-    """Train `model` with the Distiller (KD from `teacher` if given, else cross-entropy) and
-    return the metrics.json record it wrote into `out_dir`."""
+    """Train `model` with the Distiller and return the metrics.json record it wrote into
+    `out_dir`: with `objective` (its learnable parameters train too), else KD from `teacher`
+    if given, else cross-entropy."""
     from distill.distiller import Distiller, DistillerConfig
     from distill.losses import CrossEntropy, KDLoss
 
     bad = settings.problems()
     if bad:
         raise ValueError("invalid TrainSettings: " + "; ".join(bad))
-    objective: nn.Module = (
-        CrossEntropy()
-        if teacher is None
-        else KDLoss(temperature=settings.temperature, alpha=settings.kd_weight)
-    )
+    if objective is None:
+        objective = (
+            CrossEntropy()
+            if teacher is None
+            else KDLoss(temperature=settings.temperature, alpha=settings.kd_weight)
+        )
     total = settings.steps
     optimizer = torch.optim.SGD(
-        model.parameters(),
+        [*model.parameters(), *objective.parameters()],
         lr=settings.lr,
         momentum=0.9,
         nesterov=True,

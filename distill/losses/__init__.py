@@ -2,16 +2,21 @@
 
 Every objective maps (student Outputs, teacher Outputs | None, target) to a dict with "loss"
 and unweighted named parts. `create_objective(name, **kwargs)` builds one from a method name
-given on a command line.
+given on a command line (distill.losses.registry).
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
-
 from distill.losses.base import Objective
 from distill.losses.ce import CrossEntropy
+from distill.losses.crd import (
+    CRDEmbed,
+    CRDLoss,
+    memory_scores,
+    momentum_update,
+    nce_contrast_loss,
+)
+from distill.losses.ctkd import CurriculumTemperature, ctkd_lambda, reverse_gradient
 from distill.losses.dkd import DKDLoss, dkd_loss, dkd_parts
 from distill.losses.embedding import (
     EmbeddingDistillLoss,
@@ -21,6 +26,8 @@ from distill.losses.embedding import (
     rkd_distance_loss,
     rkd_loss,
 )
+from distill.losses.ensemble import PerTeacher
+from distill.losses.factor import Paraphraser, Translator, factor_channels, reconstruction_loss
 from distill.losses.feature import (
     ATLoss,
     FitNetLoss,
@@ -32,6 +39,14 @@ from distill.losses.feature import (
 )
 from distill.losses.feature_match import FTLoss, VIDLoss, VIDRegressor, ft_loss, vid_nll
 from distill.losses.kd import KDLoss, kd_loss, kd_parts, soft_kd_loss, standardize_logits
+from distill.losses.mlkd import (
+    MLKDLoss,
+    batch_correlation_loss,
+    class_correlation_loss,
+    confidence_masks,
+    mlkd_loss,
+    mlkd_parts,
+)
 from distill.losses.multilabel import (
     MultiLabelBCE,
     MultiLabelKDLoss,
@@ -39,6 +54,22 @@ from distill.losses.multilabel import (
     multilabel_kd_loss,
     multilabel_kd_parts,
     soft_multilabel_kd_loss,
+)
+from distill.losses.ofd import (
+    OFDConnector,
+    OFDLoss,
+    bn_margin,
+    gaussian_margin,
+    ofd_loss,
+    partial_l2,
+)
+from distill.losses.registry import (
+    COMMON_SETTINGS,
+    LOSSES,
+    create_objective,
+    method_name,
+    methods_for,
+    register,
 )
 from distill.losses.relation import (
     CCLoss,
@@ -52,43 +83,41 @@ from distill.losses.relation import (
     rbf_correlation,
     sp_loss,
 )
+from distill.losses.review import ABF, ReviewKDLoss, hcl_loss, review_maps
 
-# Method names as they appear in recipes' --method and in metrics.json's "method".
-LOSSES: dict[str, type[Objective]] = {
-    "ce": CrossEntropy,
-    "kd": KDLoss,
-    "dkd": DKDLoss,
-    "multilabel_bce": MultiLabelBCE,
-    "multilabel_kd": MultiLabelKDLoss,
-    "embedding": EmbeddingDistillLoss,
-    "fitnet": FitNetLoss,
-    "at": ATLoss,
-    "dist": DISTLoss,
-    "sp": SPLoss,
-    "pkt": PKTLoss,
-    "cc": CCLoss,
-    "vid": VIDLoss,
-    "ft": FTLoss,
-}
-
-
-def create_objective(name: str, **kwargs: Any) -> Objective:
-    """Build the objective registered as `name` with its constructor's keyword arguments."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
-    cls = LOSSES[name]
-    try:
-        inspect.signature(cls).bind(**kwargs)
-    except TypeError as e:
-        raise TypeError(f"{name} ({cls.__name__}{inspect.signature(cls)}): {e}") from None
-    return cls(**kwargs)
+for _name, _cls in (
+    ("ce", CrossEntropy),
+    ("kd", KDLoss),
+    ("dkd", DKDLoss),
+    ("dist", DISTLoss),
+    ("mlkd", MLKDLoss),
+    ("multilabel_bce", MultiLabelBCE),
+    ("multilabel_kd", MultiLabelKDLoss),
+    ("embedding", EmbeddingDistillLoss),
+    ("fitnet", FitNetLoss),
+    ("at", ATLoss),
+    ("sp", SPLoss),
+    ("pkt", PKTLoss),
+    ("cc", CCLoss),
+    ("vid", VIDLoss),
+    ("ft", FTLoss),
+    ("crd", CRDLoss),
+    ("reviewkd", ReviewKDLoss),
+    ("ofd", OFDLoss),
+):
+    register(_name, _cls)
 
 
 __all__ = [
+    "ABF",
+    "COMMON_SETTINGS",
     "LOSSES",
     "ATLoss",
     "CCLoss",
+    "CRDEmbed",
+    "CRDLoss",
     "CrossEntropy",
+    "CurriculumTemperature",
     "DISTLoss",
     "DKDLoss",
     "EmbeddingDistillLoss",
@@ -96,33 +125,61 @@ __all__ = [
     "FitNetLoss",
     "HintAdapter",
     "KDLoss",
+    "MLKDLoss",
     "MultiLabelBCE",
     "MultiLabelKDLoss",
+    "OFDConnector",
+    "OFDLoss",
     "Objective",
     "PKTLoss",
+    "Paraphraser",
+    "PerTeacher",
+    "ReviewKDLoss",
     "SPLoss",
+    "Translator",
     "VIDLoss",
     "VIDRegressor",
     "at_loss",
     "attention_map",
+    "batch_correlation_loss",
+    "bn_margin",
     "cc_loss",
+    "class_correlation_loss",
+    "confidence_masks",
     "create_objective",
+    "ctkd_lambda",
     "dist_loss",
     "dist_parts",
     "dkd_loss",
     "dkd_parts",
     "embedding_cosine_loss",
     "embedding_mse_loss",
+    "factor_channels",
     "ft_loss",
+    "gaussian_margin",
+    "hcl_loss",
     "hint_loss",
     "kd_loss",
     "kd_parts",
+    "memory_scores",
+    "method_name",
+    "methods_for",
+    "mlkd_loss",
+    "mlkd_parts",
+    "momentum_update",
     "multilabel_bce_loss",
     "multilabel_kd_loss",
     "multilabel_kd_parts",
+    "nce_contrast_loss",
+    "ofd_loss",
+    "partial_l2",
     "pkt_loss",
     "rbf_correlation",
+    "reconstruction_loss",
+    "register",
     "resize_map",
+    "reverse_gradient",
+    "review_maps",
     "rkd_angle_loss",
     "rkd_distance_loss",
     "rkd_loss",

@@ -9,8 +9,9 @@ so a logged curve keeps its meaning when a weight changes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,20 @@ class Objective(nn.Module):
     """
 
     needs_teacher: bool = True
+    # Batch entries besides the input and target that the objective reads (e.g. CRD's
+    # dataset "index"): the loop passes them as keyword arguments to forward.
+    batch_keys: tuple[str, ...] = ()
+    # Buffers the objective keeps identical on every process itself (CRD's memory banks), which
+    # DDP then does not broadcast before each forward.
+    synced_buffers: tuple[str, ...] = ()
+    # Whether some of the objective's parameters get no gradient in a step (then DDP must look
+    # for unused parameters, which costs a graph traversal per step).
+    ddp_unused_parameters: bool = False
+    # The task kinds (distill.constants.TaskKind) whose students this objective trains.
+    tasks: ClassVar[tuple[str, ...]] = ("logits",)
+    # Which constructor argument each shared recipe setting sets (registry.COMMON_SETTINGS):
+    # e.g. KD {"temperature": "temperature", "kd_weight": "alpha"}.
+    common_args: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self) -> None:
         super().__init__()
@@ -40,9 +55,23 @@ class Objective(nn.Module):
         raise NotImplementedError
 
     def __call__(  # type: ignore[override]
-        self, student: Outputs, teacher: Outputs | None, target: Tensor | None = None
+        self,
+        student: Outputs,
+        teacher: Outputs | None,
+        target: Tensor | None = None,
+        **extra: Any,
     ) -> dict[str, Tensor]:
-        return super().__call__(student, teacher, target)  # type: ignore[no-any-return]
+        return super().__call__(student, teacher, target, **extra)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_models(
+        cls, student: nn.Module, teacher: nn.Module | None, **options: Any
+    ) -> Objective:
+        """Build the objective for this student/teacher pair. Feature methods override it to
+        read the default stage maps (`distill.models.stages`) for module paths and channels
+        (the teacher may be a `distill.Teacher`, whose `.model` is read); the others take
+        `options` as they are."""
+        return cls(**options)
 
     def on_progress(self, step: int, epoch: float) -> None:
         """Called by the loop before every optimisation step (epoch is fractional)."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -13,6 +16,7 @@ class CrossEntropy(Objective):
     """Parts: "ce". Needs no teacher (the Distiller may skip the teacher's forward)."""
 
     needs_teacher = False
+    common_args: ClassVar[Mapping[str, str]] = {"label_smoothing": "label_smoothing"}
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()

@@ -22,12 +22,23 @@ through `on_progress` (the Distiller: epoch + batch / batches per epoch), so e =
 warmup_schedule="linear" ramps per step instead, min(epoch / warmup_epochs, 1) from 0 at the
 first step: smoother, but not the schedule the published numbers used. Forgetting to report
 progress raises instead of silently training without the DKD term.
+
+`standardize=True` is DKD with logit standardisation (Sun et al., CVPR 2024, "Logit
+Standardization in Knowledge Distillation"; their sunshangquan/logit-standardization-KD
+mdistiller/distillers/DKD.py): student and teacher logits are z-scored per sample
+(`distill.losses.kd.standardize_logits`, the same function as KD's) before everything above,
+the target/non-target split included; the cross-entropy keeps the raw logits. Their command
+line (tools/train.py --logit-stand --base-temp 2 --kd-weight 9) then sets T = 2 and multiplies
+alpha and beta by 9 (CIFAR-100: alpha=9, beta=72 for beta 8); the repository has no separate
+ImageNet DKD+LS config, where the same flags on configs/imagenet/r50_mv2/dkd.yaml (beta 2,
+T 1, warm-up 1, CE 1) would give alpha=9, beta=18, T=2.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +52,7 @@ from distill.losses.base import (
     check_pair,
     check_positive,
 )
+from distill.losses.kd import standardize_logits
 from distill.types import Outputs
 
 WarmupSchedule = Literal["epoch", "linear"]
@@ -56,9 +68,15 @@ def _non_target(z: Tensor, target: Tensor) -> Tensor:
 
 
 def dkd_parts(
-    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *, temperature: float = 4.0
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 4.0,
+    standardize: bool = False,
 ) -> dict[str, Tensor]:
-    """{"tckd", "nckd"}, each T²-scaled and averaged over the batch."""
+    """{"tckd", "nckd"}, each T²-scaled and averaged over the batch; `standardize=True`
+    z-scores each row of both logits first (logit standardisation)."""
     check_positive("temperature", temperature, "DKD uses 4 on CIFAR-100, 1 on ImageNet")
     check_pair(student_logits, teacher_logits)
     k = student_logits.shape[1]
@@ -72,8 +90,11 @@ def dkd_parts(
     check_class_target(target, student_logits)
     t = float(temperature)
     target = target.long()
+    s, tl = as_float(student_logits), as_float(teacher_logits).detach()
+    if standardize:
+        s, tl = standardize_logits(s), standardize_logits(tl)
     parts = {}
-    for side, logits in (("s", as_float(student_logits)), ("t", as_float(teacher_logits).detach())):
+    for side, logits in (("s", s), ("t", tl)):
         z = logits / t  # (B, K)
         lse_all = torch.logsumexp(z, dim=1)  # (B,)
         others = _non_target(z, target)  # (B, K-1)
@@ -94,15 +115,19 @@ def dkd_loss(
     alpha: float = 1.0,
     beta: float = 8.0,
     temperature: float = 4.0,
+    standardize: bool = False,
 ) -> Tensor:
-    """alpha · TCKD + beta · NCKD (both T²-scaled, batch mean); logits (B, K), target (B,)."""
+    """alpha · TCKD + beta · NCKD (both T²-scaled, batch mean); logits (B, K), target (B,).
+    `standardize=True`: on z-scored logits (logit standardisation)."""
     check_non_negative("alpha", alpha, "the TCKD weight; the paper uses 1")
     check_non_negative(
         "beta",
         beta,
         "the NCKD weight; 8 on CIFAR, 0.5 (R34->R18) or 2 (R50->MobileNetV1) on ImageNet",
     )
-    p = dkd_parts(student_logits, teacher_logits, target, temperature=temperature)
+    p = dkd_parts(
+        student_logits, teacher_logits, target, temperature=temperature, standardize=standardize
+    )
     return alpha * p["tckd"] + beta * p["nckd"]
 
 
@@ -110,7 +135,10 @@ class DKDLoss(Objective):
     """DKD objective; parts "ce", "tckd", "nckd";
     loss = ce_weight·ce + warm-up factor·(alpha·tckd + beta·nckd), the warm-up factor by
     default mdistiller's (see the module docstring; `warmup_factor` is the current value).
+    `standardize=True`: tckd and nckd on z-scored logits (logit standardisation), ce on raw.
     """
+
+    common_args: ClassVar[Mapping[str, str]] = {"temperature": "temperature"}
 
     def __init__(
         self,
@@ -121,6 +149,7 @@ class DKDLoss(Objective):
         ce_weight: float = 1.0,
         warmup_epochs: float = 20.0,
         warmup_schedule: WarmupSchedule = "epoch",
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         self.alpha = check_non_negative("alpha", alpha, "the TCKD weight; the paper uses 1")
@@ -139,6 +168,9 @@ class DKDLoss(Objective):
                 "from 1, 'linear' a per-step ramp from 0"
             )
         self.warmup_schedule: WarmupSchedule = warmup_schedule
+        if not isinstance(standardize, bool):
+            raise TypeError(f"standardize must be True or False, got {standardize!r}")
+        self.standardize = standardize
         self.epoch: float | None = None
 
     def on_progress(self, step: int, epoch: float) -> None:
@@ -165,8 +197,14 @@ class DKDLoss(Objective):
         if target is None:
             raise ValueError("DKD needs class labels but the batch has no target")
         s = student.output
-        p = dkd_parts(s, self._teacher(teacher).output, target, temperature=self.temperature)
-        ce = F.cross_entropy(as_float(s), target.long())
+        p = dkd_parts(
+            s,
+            self._teacher(teacher).output,
+            target,
+            temperature=self.temperature,
+            standardize=self.standardize,
+        )
+        ce = F.cross_entropy(as_float(s), target.long())  # raw logits, also when standardized
         dkd = self.alpha * p["tckd"] + self.beta * p["nckd"]
         loss = self.ce_weight * ce + self.warmup_factor * dkd
         return {"loss": loss, "ce": ce, "tckd": p["tckd"], "nckd": p["nckd"]}
@@ -175,5 +213,5 @@ class DKDLoss(Objective):
         return (
             f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
             f"ce_weight={self.ce_weight}, warmup_epochs={self.warmup_epochs}, "
-            f"warmup_schedule={self.warmup_schedule!r}"
+            f"warmup_schedule={self.warmup_schedule!r}, standardize={self.standardize}"
         )

@@ -29,7 +29,7 @@ embedding is what gets evaluated.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -175,6 +175,8 @@ class EmbeddingDistillLoss(Objective):
     `nn.Linear(student_dim, teacher_dim, bias=False)` maps the student's embedding first
     (add `objective.parameters()` to the optimizer).
     """
+
+    tasks: ClassVar[tuple[str, ...]] = ("embedding",)
 
     def __init__(
         self,

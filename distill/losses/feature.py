@@ -43,7 +43,7 @@ added to its own; pass `logit_loss=None` to train on the feature term alone (Fit
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -56,6 +56,7 @@ from distill.losses.base import (
     feature,
     full_precision,
 )
+from distill.models.stages import Stage, match_stages, stage_map
 from distill.types import Outputs
 
 AtResize = Literal["feature", "attention"]
@@ -129,6 +130,28 @@ def at_loss(
     else:
         a_s, a_t = attention_map(s, p, size=size), attention_map(t, p, size=size)
     return (a_s - a_t.to(a_s.dtype)).pow(2).mean()
+
+
+def refuse_layers(name: str, given: set[str]) -> None:
+    """`from_models` chooses layers and channels itself: say how to choose them instead."""
+    if given:
+        raise TypeError(
+            f"{name}.from_models picks {sorted(given)} from the stage maps; to choose them "
+            f"yourself build {name}(...) directly"
+        )
+
+
+def stage_pairs(
+    name: str, student: nn.Module, teacher: nn.Module | None, options: Mapping[str, Any]
+) -> list[tuple[Stage, Stage]]:
+    """The stages both networks share by stride (distill.models.stages), for a `from_models`
+    that picks layers itself (refusing layer options the user gave)."""
+    taken = {"layers", "channels", "student_layer", "teacher_layer", "student_channels",
+             "teacher_channels"}  # fmt: skip
+    refuse_layers(name, taken & set(options))
+    if teacher is None:
+        raise ValueError(f"{name} needs a teacher to read its stages from")
+    return match_stages(stage_map(student), stage_map(teacher))
 
 
 class HintAdapter(nn.Module):
@@ -223,6 +246,22 @@ class FitNetLoss(_FeatureObjective):
         self.adapter = HintAdapter(student_channels, teacher_channels, relu=adapter_relu)
         self._hook("hint", student_layer, teacher_layer)
 
+    @classmethod
+    def from_models(
+        cls, student: nn.Module, teacher: nn.Module | None, **options: Any
+    ) -> FitNetLoss:
+        """The hint at stride 8 (mdistiller's HINT_LAYER 2: ResNet layer2, MobileNetV1's
+        stride-8 stage), else the middle shared stage; `options` go to the constructor."""
+        pairs = stage_pairs(cls.__name__, student, teacher, options)
+        s, t = next(((s, t) for s, t in pairs if s.stride == 8), pairs[len(pairs) // 2])
+        return cls(
+            student_layer=s.path,
+            teacher_layer=t.path,
+            student_channels=s.channels,
+            teacher_channels=t.channels,
+            **options,
+        )
+
     def forward(
         self, student: Outputs, teacher: Outputs | None, target: Tensor | None
     ) -> dict[str, Tensor]:
@@ -285,6 +324,13 @@ class ATLoss(_FeatureObjective):
             name = f"at{i}"
             self._hook(name, s_path, t_path)
             self.names.append(name)
+
+    @classmethod
+    def from_models(cls, student: nn.Module, teacher: nn.Module | None, **options: Any) -> ATLoss:
+        """Every stage both networks share by stride (mdistiller's AT on ImageNet uses all four
+        ResNet stages); `options` go to the constructor."""
+        pairs = stage_pairs(cls.__name__, student, teacher, options)
+        return cls({s.path: t.path for s, t in pairs}, **options)
 
     def forward(
         self, student: Outputs, teacher: Outputs | None, target: Tensor | None

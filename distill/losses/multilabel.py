@@ -18,6 +18,9 @@ checked on every call for CPU tensors, and on the first batch an objective sees 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -148,6 +151,9 @@ class MultiLabelKDLoss(Objective):
     label must be present.
     """
 
+    tasks: ClassVar[tuple[str, ...]] = ("multilabel",)
+    common_args: ClassVar[Mapping[str, str]] = {"temperature": "temperature", "kd_weight": "alpha"}
+
     def __init__(
         self, temperature: float = 2.0, alpha: float = 0.9, missing_label: float | None = None
     ) -> None:
@@ -189,6 +195,7 @@ class MultiLabelBCE(Objective):
     """From-scratch attribute baseline: part "bce"; needs no teacher."""
 
     needs_teacher = False
+    tasks: ClassVar[tuple[str, ...]] = ("multilabel",)
 
     def __init__(self, missing_label: float | None = None) -> None:
         super().__init__()

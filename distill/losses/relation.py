@@ -38,10 +38,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from distill.losses.base import (
     Objective,
@@ -53,7 +54,8 @@ from distill.losses.base import (
     feature,
     full_precision,
 )
-from distill.losses.feature import _FeatureObjective
+from distill.losses.feature import _FeatureObjective, refuse_layers, stage_pairs
+from distill.models.stages import penultimate
 from distill.types import Outputs
 
 # ---------------------------------------------------------------- DIST
@@ -94,6 +96,8 @@ def dist_loss(
 class DISTLoss(Objective):
     """DIST; parts "inter", "intra" and "ce" (with a target);
     loss = beta·inter + gamma·intra + ce_weight·ce. Defaults are the paper's ImageNet ones."""
+
+    common_args: ClassVar[Mapping[str, str]] = {"temperature": "temperature"}
 
     def __init__(
         self,
@@ -234,6 +238,24 @@ class _RelationObjective(_FeatureObjective):
     def term(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
         raise NotImplementedError
 
+    # where from_models hooks the two networks: "last" (the deepest shared stage, as
+    # RepDistiller's SP) or "penultimate" (the pooled pre-classifier features, as PKT and CC)
+    default_layer = "last"
+
+    @classmethod
+    def from_models(
+        cls, student: nn.Module, teacher: nn.Module | None, **options: Any
+    ) -> _RelationObjective:
+        """Hook `default_layer` of both networks; `options` go to the constructor."""
+        if cls.default_layer == "last":
+            s, t = stage_pairs(cls.__name__, student, teacher, options)[-1]
+            return cls({s.path: t.path}, **options)
+        refuse_layers(cls.__name__, {"layers"} & set(options))
+        if teacher is None:
+            raise ValueError(f"{cls.__name__} needs a teacher to read its features from")
+        (s_path, _), (t_path, _) = penultimate(student), penultimate(teacher)
+        return cls({s_path: t_path}, **options)
+
     def forward(
         self, student: Outputs, teacher: Outputs | None, target: Tensor | None
     ) -> dict[str, Tensor]:
@@ -273,6 +295,7 @@ class PKTLoss(_RelationObjective):
     logit loss. Hook the penultimate features (e.g. {"global_pool": "avgpool"})."""
 
     part = "pkt"
+    default_layer = "penultimate"
 
     def __init__(
         self,
@@ -294,6 +317,7 @@ class CCLoss(_RelationObjective):
     loss = weight · cc + logit loss. Hook embeddings (B, D) or maps (flattened)."""
 
     part = "cc"
+    default_layer = "penultimate"
 
     def __init__(
         self,

@@ -15,16 +15,21 @@ from distill.models.registry import (
     list_students,
     register_student,
 )
+from distill.models.stages import Stage, match_stages, penultimate, stage_map
 
 __all__ = [
     "PREFIXES",
     "MobileNetV1",
+    "Stage",
     "build_student",
     "create_student",
     "get_student_builder",
     "list_students",
+    "match_stages",
     "mobilenet_v1",
     "mobilenet_v1_fullconv",
     "mobilenet_v1_shallow",
+    "penultimate",
     "register_student",
+    "stage_map",
 ]

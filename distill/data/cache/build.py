@@ -53,6 +53,7 @@ from distill.data.cache.store import (
 from distill.data.cache.topk import TailKind
 from distill.data.skipping import SKIPPED_KEY
 from distill.files import progress_bar, write_json_atomic
+from distill.types import to_device
 
 __all__ = ["build_cache", "build_or_reuse"]
 
@@ -97,11 +98,13 @@ def _probe(
     params, item = dataset.draw(0, draw_generator(seed, 0, 0))
     names_int = [k for k, v in params.items() if isinstance(v, (bool, int, np.integer))]
     x = item.get("teacher_input", item["input"])
+    # one sample as a batch of one; an ensemble's views are a tuple, one per member
+    one = tuple(v[None] for v in x) if isinstance(x, (tuple, list)) else x[None]
     with (
         torch.inference_mode(),
         torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp),
     ):
-        logits = _teacher_logits(teacher, x[None].to(device), "teacher_input" in item)
+        logits = _teacher_logits(teacher, to_device(one, device), "teacher_input" in item)
     return _Probe(names_int, [k for k in params if k not in names_int], logits.shape[1])
 
 
@@ -251,7 +254,7 @@ def _run_teacher(
     num_classes = writer.header["num_classes"]
     with torch.inference_mode():
         for batch in loader:
-            x = batch["x"].to(device, non_blocking=True)  # (B, C, H, W)
+            x = to_device(batch["x"], device)  # (B, C, H, W), or one per ensemble member
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = _teacher_logits(teacher, x, bool(batch["prepared"][0]))  # (B, classes)
             if logits.shape[1] != num_classes:

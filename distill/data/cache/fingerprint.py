@@ -116,9 +116,20 @@ _TEACHER_ATTRS = (
 
 def teacher_identity(teacher: nn.Module | Mapping[str, Tensor]) -> str | dict[str, Any]:
     """The teacher's description: its weights' digest and, for a `distill.teacher.Teacher`, its
-    input conversion (resolution, normalisations), which the weights alone do not capture."""
+    input conversion (resolution, normalisations), which the weights alone do not capture; for
+    an ensemble (distill.ensemble.Teachers) also how it combines and each member's conversion."""
     weights = weights_signature(teacher)
     conversion = {a: getattr(teacher, a) for a in _TEACHER_ATTRS if hasattr(teacher, a)}
+    members = getattr(teacher, "members", None)
+    if members is not None and hasattr(teacher, "combine"):  # a distill.ensemble.Teachers
+        conversion["ensemble"] = {
+            "combine": teacher.combine,
+            "temperature": getattr(teacher, "temperature", None),
+            "weights": [float(w) for w in getattr(teacher, "weights", [])],
+            "members": [
+                {a: getattr(m, a) for a in _TEACHER_ATTRS if hasattr(m, a)} for m in members
+            ],
+        }
     return {"weights": weights, "conversion": conversion} if conversion else weights
 
 

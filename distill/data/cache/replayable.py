@@ -60,6 +60,15 @@ class ReplayableDataset(Protocol):
     def transform_config(self) -> Mapping[str, Any]: ...
 
 
+def _view_config(view: Any) -> Any:
+    """A ViewSpec as a dict; an ensemble's tuple of views as a list of them."""
+    if view is None:
+        return None
+    if isinstance(view, (tuple, list)):
+        return [_view_config(v) for v in view]
+    return asdict(view)
+
+
 def draw_generator(seed: int, index: int, draw: int) -> torch.Generator:
     """The generator of draw `draw` of item `index`: independent of batch order and workers."""
     state = np.random.SeedSequence([seed, index, draw]).generate_state(2, dtype=np.uint32)
@@ -148,10 +157,7 @@ class ReplayableImages(torch.utils.data.Dataset[dict[str, Any]]):
 
     def transform_config(self) -> dict[str, Any]:
         t = self.transform
-        views = {
-            side: None if getattr(t, side, None) is None else asdict(getattr(t, side))
-            for side in ("student", "teacher")
-        }
+        views = {side: _view_config(getattr(t, side, None)) for side in ("student", "teacher")}
         return {
             "type": type(t).__name__,
             **views,
