@@ -59,6 +59,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
     p.add_argument("--methods", nargs="+", help="default: every logit-task method")
+    p.add_argument(
+        "--args",
+        nargs="+",
+        default=[],
+        metavar="METHOD=YAML",
+        help="override a method's settings, e.g. dist='{temperature: 1, beta: 1, gamma: 1}'",
+    )
     p.add_argument("--steps", type=int, default=240, help="optimizer steps per student")
     p.add_argument("--teacher-steps", type=int, default=420, help="20 epochs of 64")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -91,8 +98,28 @@ def train_teacher(out: Path, steps: int, log: Any) -> Any:
     return Teacher(net, input_size=32, name=TEACHER, source="benchmarks/methods.py"), record
 
 
+def overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """--args METHOD=YAML ... as {method: {argument: value}}."""
+    import yaml
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        method, sep, raw = item.partition("=")
+        value = yaml.safe_load(raw) if sep else None
+        if not isinstance(value, dict):
+            raise SystemExit(f"error: --args {item!r}: give METHOD='{{key: value, ...}}'")
+        out[method] = value
+    return out
+
+
 def train_student(
-    method: str, seed: int, fraction: float, teacher: Any, out: Path, steps: int
+    method: str,
+    seed: int,
+    fraction: float,
+    teacher: Any,
+    out: Path,
+    steps: int,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     """One student run; returns its metrics.json record."""
     import torch
@@ -112,7 +139,7 @@ def train_student(
         teacher=None if scratch else teacher,
         common=COMMON,
         num_samples=len(train),
-        **bench_args(method, len(train)),
+        **{**bench_args(method, len(train)), **extra},
     )
     info = RunInfo(
         experiment="digits-methods", role="scratch" if scratch else "distilled", method=method,
@@ -162,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown methods {unknown}; choose from {methods_for('logits')}")
         return 2
     methods = ["ce", *[m for m in methods if m != "ce"]]  # scratch is every gain's baseline
+    given = overrides(args.args)
     start = time.perf_counter()
     tmp = None if args.out else tempfile.TemporaryDirectory(prefix="digits_methods_")
     out = Path(args.out or tmp.name)  # type: ignore[union-attr]
@@ -172,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = out / f"fraction-{fraction:g}"
         for method in methods:
             for seed in args.seeds:
-                r = train_student(method, seed, fraction, teacher, runs, args.steps)
+                extra = given.get(method, {})
+                r = train_student(method, seed, fraction, teacher, runs, args.steps, extra)
                 print(f"{fraction:g} {method} s{seed}: error {100 - r['metrics']['top1']:.2f}%")
         n_train = len(digits_data(32, train_fraction=fraction)[0])
         sections_text.append(section_text(runs, fraction, n_train, teacher_err))
@@ -190,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         [
             f"### {title}",
             f"{stamp} · {device_name()} · torch threads {torch.get_num_threads()} · "
-            f"`{command.strip()}` · {wall:.0f} s wall; shared settings {COMMON}",
+            f"`{command.strip()}` · {wall:.0f} s wall; shared settings {COMMON}; "
+            f"bench_args: dkd/dist at the papers' CIFAR values, crd nce_k = min(4096, N - 1); --args "
+            f"{given or 'none'}",
             *sections_text,
         ]
     )
