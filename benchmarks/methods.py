@@ -1,6 +1,7 @@
 """Every method on real data: MobileNetV1 students of a ResNet teacher on scikit-learn's digits.
 
     python benchmarks/methods.py                          # every logit-task method, 3 seeds
+                                                          # (about an hour on 2 CPU cores)
     python benchmarks/methods.py --methods kd dist crd --seeds 0 1 --fractions 0.1
 
 A torchvision ResNet-10 (BasicBlock ResNet with one block per stage, torchvision's
